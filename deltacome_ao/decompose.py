@@ -1,0 +1,81 @@
+"""Stage 1: the weight delta and its singular value decomposition.
+
+Everything here runs in fp32: a fine-tuning delta is often 100x smaller than the weights, and
+subtracting two bf16 tensors (or running SVD in bf16) would bury it in rounding noise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["DeltaSVD", "weight_delta", "delta_svd"]
+
+# Randomized SVD pays off only when the kept rank is well below the full rank.
+_RANDOMIZED_MAX_FRACTION = 0.25
+
+
+@dataclass
+class DeltaSVD:
+    """`delta ≈ U @ diag(S) @ Vh`, singular values in decreasing order (all fp32)."""
+
+    U: torch.Tensor  # (out_features, k)
+    S: torch.Tensor  # (k,)
+    Vh: torch.Tensor  # (k, in_features)
+
+    @property
+    def rank(self) -> int:
+        return self.S.numel()
+
+
+def weight_delta(finetuned: torch.Tensor, base: torch.Tensor, name: str = "weight") -> torch.Tensor:
+    """`finetuned - base` in fp32, after checking the two can be compared at all."""
+    if finetuned.ndim != 2 or base.ndim != 2:
+        raise ValueError(f"{name}: expected 2-D weights, got {tuple(finetuned.shape)} and {tuple(base.shape)}")
+    if finetuned.shape != base.shape:
+        raise ValueError(
+            f"{name}: fine-tuned weight has shape {tuple(finetuned.shape)} but the base weight has "
+            f"{tuple(base.shape)}; the base must be the model this one was fine-tuned from"
+        )
+    for label, t in (("fine-tuned", finetuned), ("base", base)):
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name}: the {label} weight contains NaN or Inf values; fix the checkpoint first")
+    return finetuned.detach().float() - base.detach().to(finetuned.device).float()
+
+
+def delta_svd(
+    delta: torch.Tensor,
+    rank: int | None = None,
+    method: str = "auto",
+    oversample: int = 16,
+    power_iters: int = 4,
+    seed: int = 0,
+) -> DeltaSVD:
+    """Top-`rank` SVD of `delta` (all of it when `rank` is None).
+
+    `method`: "exact" (LAPACK), "randomized" (Halko et al. via `torch.svd_lowrank`, with `oversample`
+    extra columns and `power_iters` power iterations), or "auto" (randomized when the rank is below a
+    quarter of min(m, n)). Singular values that are zero to fp32 precision are dropped, so a
+    rank-deficient or all-zero delta yields fewer (possibly no) vectors.
+    """
+    delta = delta.float()
+    m, n = delta.shape
+    full = min(m, n)
+    k = full if rank is None else max(0, min(rank, full))
+    if method not in ("auto", "exact", "randomized"):
+        raise ValueError(f"unknown SVD method {method!r}; use 'auto', 'exact' or 'randomized'")
+    if k == 0 or not torch.any(delta):
+        return DeltaSVD(delta.new_zeros(m, 0), delta.new_zeros(0), delta.new_zeros(0, n))
+    use_randomized = method == "randomized" or (method == "auto" and k + oversample < _RANDOMIZED_MAX_FRACTION * full)
+    if use_randomized:
+        q = min(k + oversample, full)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            U, S, V = torch.svd_lowrank(delta, q=q, niter=power_iters)
+        Vh = V.T
+    else:
+        U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    U, S, Vh = U[:, :k], S[:k], Vh[:k]
+    keep = int((S > S[0] * full * torch.finfo(torch.float32).eps).sum()) if S.numel() else 0
+    return DeltaSVD(U[:, :keep].contiguous(), S[:keep].contiguous(), Vh[:keep].contiguous())

@@ -1,0 +1,220 @@
+"""Stage 5: `MixedPrecisionDeltaTensor`, a weight stored as base + mixed-precision SVD delta.
+
+`from_hp` runs the whole offline pipeline for one matrix (delta → SVD → bit allocation → RTN
+quantization → packing); the tensor itself only holds the packed result, and `F.linear` on it calls
+the `deltacome::delta_linear` operator without forming the dense delta.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils._python_dispatch import return_and_correct_aliasing
+from torchao.utils import TorchAOBaseTensor
+
+from .allocate import (
+    FP16_BITS,
+    PAPER_SCHEDULE,
+    Band,
+    allocate,
+    budget_bits,
+    vector_cost_bits,
+)
+from .decompose import delta_svd, weight_delta
+from .ops import dequantize_factor, delta_linear
+from .packing import pack_rows
+from .quantize import quantize_rows
+
+__all__ = ["MixedPrecisionDeltaTensor", "BudgetTooSmallError"]
+
+aten = torch.ops.aten
+
+
+class BudgetTooSmallError(ValueError):
+    pass
+
+
+def _quantize_factor(rows: torch.Tensor, bands, group_size: int, quantizer):
+    """Quantize and pack the rows of one factor band by band -> (packed, scale, zero)."""
+    packed, scales, zeros, start = [], [], [], 0
+    for band in bands:
+        q = quantizer(rows[start:start + band.count], band.bits, group_size)
+        start += band.count
+        packed.append(pack_rows(q.codes, band.bits))
+        if band.bits != FP16_BITS:
+            scales.append(q.scale)
+            zeros.append(q.zero)
+    groups = math.ceil(rows.shape[1] / group_size)
+    scale = torch.cat(scales) if scales else torch.zeros(0, groups, dtype=torch.float16)
+    zero = torch.cat(zeros) if zeros else torch.zeros(0, groups, dtype=torch.uint8)
+    packed = torch.cat(packed) if packed else torch.zeros(0, dtype=torch.uint8)
+    return packed, scale, zero
+
+
+def _rtn(rows, bits, group_size):
+    return quantize_rows(rows, bits, group_size)
+
+
+class MixedPrecisionDeltaTensor(TorchAOBaseTensor):
+    """Weight `W_base + Û diag(s) V̂`, with Û and V̂ quantized in bands of decreasing bit-width.
+
+    Tensor data: `base_weight` (out, in) in the model dtype; `v_packed` / `u_packed` flat uint8
+    codes of V̂ (rows of length `in`) and Ûᵀ (rows of length `out`), band after band; `v_scale`,
+    `v_zero`, `u_scale`, `u_zero` (rows of quantized bands, groups) fp16 / uint8; `s` (rank,) fp32.
+    Attributes: `bits` and `counts` (one entry per band) and `group_size`.
+    """
+
+    tensor_data_names = ["base_weight", "v_packed", "v_scale", "v_zero", "u_packed", "u_scale", "u_zero", "s"]
+    tensor_attribute_names = ["bits", "counts", "group_size"]
+
+    def __new__(cls, base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s, bits, counts, group_size):
+        return torch.Tensor._make_wrapper_subclass(
+            cls, base_weight.shape, dtype=base_weight.dtype, device=base_weight.device, requires_grad=False
+        )
+
+    def __init__(self, base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s, bits, counts, group_size):
+        super().__init__()
+        self.base_weight = base_weight
+        self.v_packed, self.v_scale, self.v_zero = v_packed, v_scale, v_zero
+        self.u_packed, self.u_scale, self.u_zero = u_packed, u_scale, u_zero
+        self.s = s
+        self.bits = tuple(int(b) for b in bits)
+        self.counts = tuple(int(c) for c in counts)
+        self.group_size = int(group_size)
+
+    @classmethod
+    def from_hp(
+        cls,
+        finetuned: torch.Tensor,
+        base: torch.Tensor,
+        alpha: float = 1 / 16,
+        schedule=PAPER_SCHEDULE,
+        bands=None,
+        group_size: int = 128,
+        svd: str = "auto",
+        quantizer=_rtn,
+        name: str = "weight",
+    ) -> "MixedPrecisionDeltaTensor":
+        """Compress `finetuned - base`.
+
+        `bands` ([(bits, count), ...]) fixes the allocation; otherwise `schedule` is filled within
+        `alpha` (see `allocate.allocate`). `quantizer(rows, bits, group_size) -> QuantizedRows` is the
+        seam for calibrated quantizers (RTN by default).
+        """
+        delta = weight_delta(finetuned, base, name)
+        out_features, in_features = delta.shape
+        if bands is None:
+            chosen = allocate(out_features, in_features, alpha, schedule, group_size)
+            if not chosen and torch.any(delta):
+                cheapest = min(vector_cost_bits(b, out_features, in_features, group_size) for b, _ in schedule)
+                raise BudgetTooSmallError(
+                    f"{name}: alpha={alpha:g} gives {budget_bits(out_features, in_features, alpha)} bits for a "
+                    f"{out_features}x{in_features} delta, but the cheapest singular vector costs {cheapest} bits "
+                    f"(codes, scales, zero-points and S); raise alpha or lower group_size"
+                )
+        else:
+            chosen = tuple(Band(int(b), int(c)) for b, c in bands)
+            for b in chosen:
+                vector_cost_bits(b.bits, out_features, in_features, group_size)  # validates the width
+        svd_out = delta_svd(delta, rank=sum(b.count for b in chosen), method=svd)
+        chosen = _truncate(chosen, svd_out.rank)
+        rank = svd_out.rank if chosen else 0
+        u_rows, s, v_rows = svd_out.U[:, :rank].T, svd_out.S[:rank], svd_out.Vh[:rank]
+        # Scale each singular vector to max |x| = 1 so group scales stay in fp16's normal range.
+        u_max = u_rows.abs().amax(dim=1).clamp_min(1e-30) if rank else s
+        v_max = v_rows.abs().amax(dim=1).clamp_min(1e-30) if rank else s
+        u_rows, v_rows, s = u_rows / u_max[:, None], v_rows / v_max[:, None], s * u_max * v_max
+        v_packed, v_scale, v_zero = _quantize_factor(v_rows, chosen, group_size, quantizer)
+        u_packed, u_scale, u_zero = _quantize_factor(u_rows, chosen, group_size, quantizer)
+        device = base.device
+        return cls(
+            base.detach().clone().contiguous(),
+            v_packed.to(device), v_scale.to(device), v_zero.to(device),
+            u_packed.to(device), u_scale.to(device), u_zero.to(device),
+            s.float().contiguous().to(device),
+            [b.bits for b in chosen], [b.count for b in chosen], group_size,
+        )
+
+    @property
+    def bands(self) -> tuple[Band, ...]:
+        return tuple(Band(b, c) for b, c in zip(self.bits, self.counts))
+
+    @property
+    def rank(self) -> int:
+        return sum(self.counts)
+
+    def delta_nbytes(self) -> int:
+        """Bytes of everything stored for the delta (codes, scales, zero-points, S)."""
+        return sum(
+            t.numel() * t.element_size()
+            for t in (self.v_packed, self.v_scale, self.v_zero, self.u_packed, self.u_scale, self.u_zero, self.s)
+        )
+
+    def bits_per_param(self) -> float:
+        return 8 * self.delta_nbytes() / self.base_weight.numel()
+
+    def delta_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Û (out, r), s (r,), V̂ (r, in)) in fp32."""
+        out_features, in_features = self.base_weight.shape
+        v = dequantize_factor(self.v_packed, self.v_scale, self.v_zero, self.bits, self.counts, in_features, self.group_size)
+        ut = dequantize_factor(self.u_packed, self.u_scale, self.u_zero, self.bits, self.counts, out_features, self.group_size)
+        return ut.T, self.s, v
+
+    def dequantize(self, output_dtype: torch.dtype | None = None) -> torch.Tensor:
+        u, s, v = self.delta_factors()
+        w = self.base_weight.float() + (u * s) @ v
+        return w.to(output_dtype or self.dtype)
+
+
+def _truncate(bands, rank: int) -> tuple[Band, ...]:
+    """Drop vectors beyond the delta's numerical rank (zero singular values carry nothing)."""
+    out, left = [], rank
+    for b in bands:
+        take = min(b.count, left)
+        if take:
+            out.append(Band(b.bits, take))
+        left -= take
+    return tuple(out)
+
+
+implements = MixedPrecisionDeltaTensor.implements
+implements_torch_function = MixedPrecisionDeltaTensor.implements_torch_function
+
+
+@implements(aten.linear.default)
+@implements_torch_function(torch.nn.functional.linear)
+def _(func, types, args, kwargs):
+    x, w = args[0], args[1]
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    y = delta_linear(
+        x, w.base_weight, w.v_packed, w.v_scale, w.v_zero, w.u_packed, w.u_scale, w.u_zero, w.s,
+        list(w.bits), list(w.counts), w.group_size,
+    )
+    return y if bias is None else y + bias
+
+
+@implements(aten.t.default)
+def _(func, types, args, kwargs):
+    """Wᵀ = W_baseᵀ + V̂ᵀ diag(s) Û: the same bands with the two factors swapped."""
+    w = args[0]
+    out = MixedPrecisionDeltaTensor(
+        w.base_weight.t(), w.u_packed, w.u_scale, w.u_zero, w.v_packed, w.v_scale, w.v_zero, w.s,
+        w.bits, w.counts, w.group_size,
+    )
+    return return_and_correct_aliasing(func, args, kwargs, out)
+
+
+@implements(aten._to_copy.default)
+def _(func, types, args, kwargs):
+    """Device moves apply to every buffer; a dtype change applies to the base weight only."""
+    w = args[0]
+    device = kwargs.get("device") or w.device
+    dtype = kwargs.get("dtype")
+    base = w.base_weight.to(device=device, dtype=dtype if dtype is not None and dtype.is_floating_point else None)
+    moved = [getattr(w, n).to(device) for n in w.tensor_data_names[1:]]
+    return MixedPrecisionDeltaTensor(base, *moved, w.bits, w.counts, w.group_size)
+
+
+MixedPrecisionDeltaTensor.__module__ = "deltacome_ao"
+torch.serialization.add_safe_globals([MixedPrecisionDeltaTensor])

@@ -1,0 +1,85 @@
+"""The `deltacome::delta_linear` operator: `x @ W_base.T + ((x @ V̂.T) * s) @ Û.T`.
+
+Registered with `torch.library` so `torch.compile(fullgraph=True)` treats it as one opaque node.
+The implementation here is the reference path (any device): it unpacks the factors and runs three
+matmuls, never forming the dense delta. `deltacome_ao.kernels` registers the fused Triton kernel
+for CUDA on the same operator; nothing here depends on it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .allocate import FP16_BITS
+from .packing import band_offsets, unpack_rows
+from .quantize import dequantize_codes
+
+__all__ = ["dequantize_factor", "delta_linear"]
+
+
+def dequantize_factor(packed, scale, zero, bits, counts, length: int, group_size: int) -> torch.Tensor:
+    """All bands of one factor (V̂ as (r, in) or Ûᵀ as (r, out)), fp32."""
+    rows, q_row = [], 0
+    for b, c, (start, end) in zip(bits, counts, band_offsets(bits, counts, length)):
+        codes = unpack_rows(packed[start:end], b, c, length)
+        if b == FP16_BITS:
+            rows.append(codes.float())
+            continue
+        rows.append(dequantize_codes(codes, scale[q_row:q_row + c], zero[q_row:q_row + c], b, group_size))
+        q_row += c
+    if not rows:
+        return torch.zeros(0, length, device=packed.device)
+    return torch.cat(rows)
+
+
+def _factors(base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, bits, counts, group_size):
+    out_features, in_features = base_weight.shape
+    v = dequantize_factor(v_packed, v_scale, v_zero, bits, counts, in_features, group_size)
+    ut = dequantize_factor(u_packed, u_scale, u_zero, bits, counts, out_features, group_size)
+    return v, ut
+
+
+@torch.library.custom_op("deltacome::delta_linear", mutates_args=())
+def delta_linear(
+    x: torch.Tensor,
+    base_weight: torch.Tensor,
+    v_packed: torch.Tensor,
+    v_scale: torch.Tensor,
+    v_zero: torch.Tensor,
+    u_packed: torch.Tensor,
+    u_scale: torch.Tensor,
+    u_zero: torch.Tensor,
+    s: torch.Tensor,
+    bits: list[int],
+    counts: list[int],
+    group_size: int,
+) -> torch.Tensor:
+    v, ut = _factors(base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, bits, counts, group_size)
+    y = torch.nn.functional.linear(x, base_weight.to(x.dtype))
+    # The low-rank path runs in fp32: its inputs are tiny compared with the base output.
+    t = (x.float() @ v.T) * s
+    return (y.float() + t @ ut).to(x.dtype)
+
+
+@delta_linear.register_fake
+def _(x, base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s, bits, counts, group_size):
+    return x.new_empty(*x.shape[:-1], base_weight.shape[0])
+
+
+def _setup_context(ctx, inputs, output):
+    x, base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s, bits, counts, group_size = inputs
+    ctx.save_for_backward(base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s)
+    ctx.meta = (bits, counts, group_size, x.dtype)
+
+
+def _backward(ctx, grad):
+    """Gradient for the input only: the compressed weight is frozen."""
+    base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s = ctx.saved_tensors
+    bits, counts, group_size, dtype = ctx.meta
+    v, ut = _factors(base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, bits, counts, group_size)
+    g = grad.float()
+    grad_x = g @ base_weight.float() + ((g @ ut.T) * s) @ v
+    return (grad_x.to(dtype),) + (None,) * 11
+
+
+delta_linear.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,385 @@
+"""Small but real base / fully fine-tuned model pairs, made on CPU from offline data.
+
+Delta compression has to be judged on a genuine fine-tune: a base model that learned
+something (here: Python source from the standard library) and a fine-tuned copy whose
+*every* weight moved to learn a new skill it lacked (here: exact-answer arithmetic).
+Both are tiny Llama models with byte-level tokens, built deterministically in a few
+minutes on two CPU cores, so the pair can be rebuilt anywhere and shipped in the repo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import sysconfig
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from deltacome_ao.evaluate import exact_match_accuracy, kl_divergence, perplexity
+
+__all__ = [
+    "BOS", "EOS", "PAD", "VOCAB_SIZE", "encode", "decode",
+    "ArithmeticTask", "PairSpec", "PAIRS", "get_pair", "load_pair", "build_pair",
+]
+
+# --- byte-level tokens: ids 0..255 are raw bytes, then three specials -------------
+BOS, EOS, PAD = 256, 257, 258
+VOCAB_SIZE = 259
+
+
+def encode(text: str, bos: bool = False, eos: bool = False) -> list[int]:
+    """UTF-8 bytes as ids, optionally wrapped in BOS/EOS."""
+    return [BOS] * bos + list(text.encode("utf-8")) + [EOS] * eos
+
+
+def decode(ids) -> str:
+    """Inverse of :func:`encode`: stops at the first EOS, drops BOS/PAD."""
+    out = bytearray()
+    for i in ids:
+        i = int(i)
+        if i == EOS:
+            break
+        if i < 256:
+            out.append(i)
+    return out.decode("utf-8", errors="replace")
+
+
+# --- offline corpus: fixed files of the Python 3.11 standard library ---------------
+PRETRAIN_FILES = (
+    "argparse.py", "ast.py", "bisect.py", "calendar.py", "collections/__init__.py",
+    "dataclasses.py", "enum.py", "fractions.py", "functools.py", "heapq.py",
+    "inspect.py", "json/__init__.py", "json/decoder.py", "json/encoder.py",
+    "pathlib.py", "random.py", "shutil.py", "statistics.py", "string.py",
+    "subprocess.py", "textwrap.py", "tokenize.py", "typing.py",
+)
+HELDOUT_FILES = ("configparser.py", "difflib.py", "pprint.py")
+
+
+def stdlib_text(files: tuple[str, ...]) -> bytes:
+    """Concatenated bytes of the given stdlib files (sorted, so order never varies)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return b"\n".join((root / f).read_bytes() for f in sorted(files))
+
+
+def _windows(data: bytes, n: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
+    """``n`` random BOS-prefixed windows of ``seq_len`` tokens from ``data``."""
+    starts = torch.randint(0, len(data) - seq_len, (n,), generator=gen).tolist()
+    rows = [[BOS] + list(data[s : s + seq_len - 1]) for s in starts]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+# --- the fine-tuning task ------------------------------------------------------------
+@dataclass(frozen=True)
+class ArithmeticTask:
+    """Fixed-width addition such as ``07+45=052``: prompt ``07+45=``, answer ``052``.
+
+    Zero-padding makes every problem the same length, so eval batches need no padding.
+    With ``reverse`` the answer digits are written least-significant first (``250``),
+    which lets the model emit the carry-free digit first.  All ``base**2`` operand pairs
+    are shuffled once with ``split_seed``; the last ``heldout`` pairs are never trained on.
+    """
+
+    digits: int = 2
+    reverse: bool = False
+    heldout: int = 1000
+    split_seed: int = 1234
+
+    @property
+    def answer_len(self) -> int:
+        return self.digits + 1
+
+    def format(self, a: int, b: int) -> tuple[str, str]:
+        d = self.digits
+        answer = f"{a + b:0{d + 1}d}"
+        return f"{a:0{d}d}+{b:0{d}d}=", answer[::-1] if self.reverse else answer
+
+    def _pairs(self) -> list[tuple[int, int]]:
+        n = 10**self.digits
+        perm = torch.randperm(n * n, generator=torch.Generator().manual_seed(self.split_seed))
+        return [divmod(int(i), n) for i in perm]
+
+    def train_pairs(self) -> list[tuple[int, int]]:
+        return self._pairs()[: -self.heldout]
+
+    def heldout_pairs(self) -> list[tuple[int, int]]:
+        return self._pairs()[-self.heldout :]
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return encode(prompt, bos=True)
+
+    def example(self, a: int, b: int) -> tuple[list[int], int]:
+        """Token ids of one full training sequence and the length of its prompt part."""
+        prompt, answer = self.format(a, b)
+        return encode(prompt + answer, bos=True, eos=True), len(prompt) + 1
+
+    def eval_problems(self, n: int = 200, seed: int = 0) -> list[tuple[str, str]]:
+        """``n`` (prompt, answer) pairs drawn from the held-out operand pairs."""
+        held = self.heldout_pairs()
+        idx = torch.randperm(len(held), generator=torch.Generator().manual_seed(seed))[:n]
+        return [self.format(*held[int(i)]) for i in idx]
+
+    def accuracy(self, model: torch.nn.Module, n: int = 200, seed: int = 0) -> float:
+        """Greedy exact-match accuracy on ``n`` held-out problems."""
+        problems = self.eval_problems(n, seed)
+        return exact_match_accuracy(
+            model, [p for p, _ in problems], [a for _, a in problems],
+            self.encode_prompt, decode, max_new_tokens=self.answer_len + 1,
+        )
+
+    def text_batches(
+        self, kind: str = "task", n_batches: int = 4, batch_size: int = 16,
+        seq_len: int = 128, seed: int = 0,
+    ) -> list[torch.Tensor]:
+        """Held-out token batches for KL / perplexity, as unpadded ``[batch, seq]`` tensors.
+
+        ``kind="task"``: full held-out problems ``BOS prompt answer EOS`` (one per row, fixed
+        length; ``seq_len`` unused).  ``kind="python"``: ``seq_len`` windows of stdlib
+        files never used in pre-training.
+        """
+        if kind == "task":
+            held = self.heldout_pairs()
+            idx = torch.randperm(len(held), generator=torch.Generator().manual_seed(seed))
+            rows = [self.example(*held[int(i)])[0] for i in idx[: n_batches * batch_size]]
+            ids = torch.tensor(rows, dtype=torch.long)
+        elif kind == "python":
+            gen = torch.Generator().manual_seed(seed)
+            ids = _windows(stdlib_text(HELDOUT_FILES), n_batches * batch_size, seq_len, gen)
+        else:
+            raise ValueError(f"unknown kind {kind!r} (use 'task' or 'python')")
+        return list(ids.split(batch_size))
+
+
+# --- pair specification ------------------------------------------------------------
+@dataclass(frozen=True)
+class PairSpec:
+    """Everything that determines a pair; two builds of one spec give the same weights."""
+
+    name: str
+    task: ArithmeticTask
+    model: dict = field(default_factory=dict)
+    pretrain_steps: int = 250
+    pretrain_batch: int = 16
+    pretrain_seq_len: int = 256
+    pretrain_lr: float = 2e-3
+    finetune_steps: int = 400
+    finetune_batch: int = 128
+    finetune_lr: float = 3e-4
+    seed: int = 0
+    threads: int = 2
+
+    def config(self) -> LlamaConfig:
+        return LlamaConfig(
+            vocab_size=VOCAB_SIZE, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
+            tie_word_embeddings=False, **self.model,
+        )
+
+
+PAIRS: dict[str, PairSpec] = {
+    "llama-arith": PairSpec(
+        name="llama-arith",
+        task=ArithmeticTask(digits=2, reverse=False),
+        model=dict(
+            hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+            num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
+        ),
+    ),
+}
+
+
+# --- training -------------------------------------------------------------------------
+def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10 % of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
+
+
+def _train(model, batches, steps: int, lr: float, weight_decay: float, bar: tqdm, stage: str) -> float:
+    """AdamW with clipping over ``steps`` (input_ids, labels) batches; returns last loss."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    model.train()
+    loss = float("nan")
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, steps, lr, warmup=max(1, steps // 20))
+        ids, labels = batches(step)
+        out = model(input_ids=ids, labels=labels)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss = out.loss.item()
+        bar.set_postfix(stage=stage, loss=f"{loss:.3f}")
+        bar.update()
+    model.eval()
+    return loss
+
+
+def _pretrain_batches(spec: PairSpec):
+    data = stdlib_text(PRETRAIN_FILES)
+    gen = torch.Generator().manual_seed(spec.seed)
+
+    def batch(step: int):
+        ids = _windows(data, spec.pretrain_batch, spec.pretrain_seq_len, gen)
+        return ids, ids
+    return batch
+
+
+def _finetune_batches(spec: PairSpec):
+    """Batches of full problems; loss only on answer + EOS, as in supervised fine-tuning."""
+    pairs = spec.task.train_pairs()
+    gen = torch.Generator().manual_seed(spec.seed + 1)
+
+    def batch(step: int):
+        idx = torch.randint(0, len(pairs), (spec.finetune_batch,), generator=gen).tolist()
+        examples = [spec.task.example(*pairs[i]) for i in idx]
+        ids = torch.tensor([e for e, _ in examples], dtype=torch.long)
+        labels = ids.clone()
+        for row, (_, n_prompt) in enumerate(examples):
+            labels[row, :n_prompt] = -100
+        return ids, labels
+    return batch
+
+
+@torch.no_grad()
+def _relative_delta(base: torch.nn.Module, ft: torch.nn.Module) -> float:
+    """||W_ft - W_base||_F / ||W_base||_F over all parameters together."""
+    b, f = dict(base.named_parameters()), dict(ft.named_parameters())
+    num = sum((f[k] - b[k]).pow(2).sum() for k in b)
+    den = sum(v.pow(2).sum() for v in b.values())
+    return float((num / den).sqrt())
+
+
+def train_pair(spec: PairSpec) -> tuple[LlamaForCausalLM, LlamaForCausalLM, dict]:
+    """Pre-train the base, fully fine-tune a copy; return both models and build facts."""
+    torch.set_num_threads(spec.threads)
+    torch.manual_seed(spec.seed)
+    start = time.perf_counter()
+    base = LlamaForCausalLM(spec.config()).float()
+    with tqdm(total=spec.pretrain_steps + spec.finetune_steps, desc=f"build {spec.name}") as bar:
+        pre_loss = _train(base, _pretrain_batches(spec), spec.pretrain_steps, spec.pretrain_lr, 0.1, bar, "pretrain")
+        pretrain_s = time.perf_counter() - start
+        ft = LlamaForCausalLM(spec.config()).float()
+        ft.load_state_dict(base.state_dict())
+        ft_loss = _train(ft, _finetune_batches(spec), spec.finetune_steps, spec.finetune_lr, 0.0, bar, "finetune")
+    train_s = time.perf_counter() - start
+    task = spec.task
+    python = task.text_batches("python")
+    info = {
+        "spec": asdict(spec),
+        "torch": torch.__version__,
+        "corpus": {
+            "pretrain_files": sorted(PRETRAIN_FILES),
+            "heldout_files": sorted(HELDOUT_FILES),
+            "pretrain_sha256": hashlib.sha256(stdlib_text(PRETRAIN_FILES)).hexdigest(),
+            "heldout_sha256": hashlib.sha256(stdlib_text(HELDOUT_FILES)).hexdigest(),
+        },
+        "train_seconds": round(train_s, 1),
+        "pretrain_seconds": round(pretrain_s, 1),
+        "final_loss": {"pretrain": pre_loss, "finetune": ft_loss},
+        "params": sum(p.numel() for p in base.parameters()),
+        "relative_delta_norm": _relative_delta(base, ft),
+        "accuracy_200_heldout": {"base": task.accuracy(base), "finetuned": task.accuracy(ft)},
+        "python_perplexity": {"base": perplexity(base, python), "finetuned": perplexity(ft, python)},
+        "kl_base_vs_finetuned": {
+            "task": kl_divergence(base, ft, task.text_batches("task")),
+            "python": kl_divergence(base, ft, python),
+        },
+    }
+    return base, ft, info
+
+
+# --- storage ----------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parent.parent
+
+
+def default_cache_dir() -> Path:
+    """``$DELTACOME_CACHE/pairs`` or ``~/.cache/deltacome_ao/pairs``; pairs live in ``<dir>/<name>``."""
+    root = os.environ.get("DELTACOME_CACHE") or Path.home() / ".cache" / "deltacome_ao"
+    return Path(root) / "pairs"
+
+
+def _complete(pair_dir: Path) -> bool:
+    return all((pair_dir / r / f).is_file() for r in ("base", "finetuned") for f in ("config.json", "pair.json"))
+
+
+def build_pair(name: str, out_dir: Path) -> dict:
+    """Train pair ``name`` and write ``out_dir/{base,finetuned}`` atomically (fp32 safetensors)."""
+    spec = PAIRS[name]
+    base, ft, info = train_pair(spec)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        for role, model in (("base", base), ("finetuned", ft)):
+            model.save_pretrained(tmp / role)
+            (tmp / role / "pair.json").write_text(json.dumps({"role": role, **info}, indent=2) + "\n")
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-old-", dir=out_dir.parent))
+            os.replace(out_dir, old / "pair")
+            shutil.rmtree(old)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return info
+
+
+def get_pair(name: str = "llama-arith", cache_dir: str | Path | None = None, rebuild: bool = False) -> tuple[Path, Path]:
+    """(base_dir, finetuned_dir) of pair ``name``: shipped copy, else cache, else build it.
+
+    ``rebuild=True`` ignores both copies and rebuilds into the cache.
+    """
+    if name not in PAIRS:
+        raise KeyError(f"unknown pair {name!r}; known: {sorted(PAIRS)}")
+    shipped = REPO / "assets" / "pairs" / name
+    cached = Path(cache_dir or default_cache_dir()) / name
+    if not rebuild and _complete(shipped):
+        found = shipped
+    elif not rebuild and _complete(cached):
+        found = cached
+    else:
+        build_pair(name, cached)
+        found = cached
+    return found / "base", found / "finetuned"
+
+
+def load_pair(name: str = "llama-arith", cache_dir: str | Path | None = None) -> tuple[LlamaForCausalLM, LlamaForCausalLM]:
+    """Both models of pair ``name`` in fp32 and eval mode."""
+    base_dir, ft_dir = get_pair(name, cache_dir)
+    return tuple(LlamaForCausalLM.from_pretrained(d, dtype=torch.float32).eval() for d in (base_dir, ft_dir))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m deltacome_ao.pairs", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="(re)build a pair and report its accuracies")
+    b.add_argument("--name", default="llama-arith", choices=sorted(PAIRS))
+    b.add_argument("--force", action="store_true", help="rebuild even if a complete copy exists")
+    b.add_argument("--out", type=Path, help="pair directory to write (default: the cache)")
+    args = parser.parse_args(argv)
+
+    out = args.out or default_cache_dir() / args.name
+    if _complete(out) and not args.force:
+        info = json.loads((out / "finetuned" / "pair.json").read_text())
+        print(f"{out} exists (use --force to rebuild)")
+    else:
+        info = build_pair(args.name, out)
+        print(f"wrote {out}")
+    acc = info["accuracy_200_heldout"]
+    print(f"accuracy base={acc['base']:.3f} finetuned={acc['finetuned']:.3f}  "
+          f"train time {info['train_seconds']:.0f}s  relative delta {info['relative_delta_norm']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

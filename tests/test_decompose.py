@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+from deltacome_ao.decompose import delta_svd, weight_delta
+
+
+def _low_rank_plus_noise(m, n, rank, noise, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    spectrum = torch.logspace(0, -2, rank)
+    a = torch.linalg.qr(torch.randn(m, rank, generator=g))[0]
+    b = torch.linalg.qr(torch.randn(n, rank, generator=g))[0]
+    return (a * spectrum) @ b.T + noise * torch.randn(m, n, generator=g)
+
+
+def test_exact_svd_reconstructs():
+    d = _low_rank_plus_noise(120, 90, 20, 1e-3)
+    out = delta_svd(d, method="exact")
+    rec = (out.U * out.S) @ out.Vh
+    assert (rec - d).norm() / d.norm() < 1e-5
+    assert torch.all(out.S[:-1] >= out.S[1:])
+
+
+@pytest.mark.parametrize("shape", [(512, 384), (300, 700)])
+def test_randomized_matches_exact_on_top_subspace(shape):
+    d = _low_rank_plus_noise(*shape, rank=64, noise=1e-4, seed=1)
+    k = 24
+    exact = delta_svd(d, rank=k, method="exact")
+    fast = delta_svd(d, rank=k, method="randomized")
+    assert torch.allclose(fast.S, exact.S, rtol=1e-3)
+    err_exact = (d - (exact.U * exact.S) @ exact.Vh).norm()
+    err_fast = (d - (fast.U * fast.S) @ fast.Vh).norm()
+    assert err_fast <= err_exact * 1.001
+    # auto takes the randomized path here (k is far below min(m, n)) and is deterministic
+    a1, a2 = delta_svd(d, rank=k), delta_svd(d, rank=k)
+    assert torch.equal(a1.S, a2.S)
+
+
+def test_rank_deficient_and_zero_deltas():
+    d = _low_rank_plus_noise(64, 48, 5, 0.0)
+    out = delta_svd(d, rank=40, method="exact")
+    assert out.rank == 5
+    zero = delta_svd(torch.zeros(10, 7), rank=3)
+    assert zero.rank == 0 and zero.U.shape == (10, 0) and zero.Vh.shape == (0, 7)
+
+
+def test_tiny_delta_is_not_lost_to_rounding():
+    """A 1e-5 delta on 0.02-scale weights survives the fp32 subtraction and the SVD."""
+    base = 0.02 * torch.randn(64, 64)
+    d = 1e-5 * _low_rank_plus_noise(64, 64, 4, 0.0)
+    out = delta_svd(weight_delta(base + d, base), rank=4, method="exact")
+    assert out.rank == 4
+    assert ((out.U * out.S) @ out.Vh - d).norm() / d.norm() < 1e-2
+
+
+def test_weight_delta_errors_name_the_layer():
+    with pytest.raises(ValueError, match="layers.3.q_proj.*shape"):
+        weight_delta(torch.zeros(4, 4), torch.zeros(4, 5), "layers.3.q_proj")
+    bad = torch.zeros(4, 4)
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="layers.0.up_proj.*NaN"):
+        weight_delta(bad, torch.zeros(4, 4), "layers.0.up_proj")
