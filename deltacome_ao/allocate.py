@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 __all__ = [
     "Band",
     "PAPER_SCHEDULE",
@@ -22,6 +24,12 @@ __all__ = [
     "budget_bits",
     "allocate",
     "bands_cost_bits",
+    "OPTIMAL_CANDIDATES",
+    "candidate_costs",
+    "max_candidate_vectors",
+    "error_table",
+    "optimal_allocation",
+    "bands_from_widths",
 ]
 
 SCALE_BITS = 16  # fp16 scale per group
@@ -93,3 +101,142 @@ def allocate(
             bits_left -= take * cost
             rank_left -= take
     return tuple(bands)
+
+
+# --- Error-optimal allocation -------------------------------------------------------------------
+#
+# Instead of a fixed schedule, every singular vector picks its own width from a candidate set to
+# minimise  Σ_i σ_i² · e_i(b_i)  subject to  Σ_i cost(b_i) ≤ budget, where e_i(b) is the measured
+# relative squared error of the quantized rank-1 term i at b bits (e_i(0) = 1: the vector is
+# dropped). The rank-1 terms of an SVD are orthogonal, so this sum is (up to cross terms between
+# quantization errors) the squared error of the whole delta.
+
+OPTIMAL_CANDIDATES = (0, 2, 3, 4, 8)  # 0 = the vector is dropped
+
+
+def candidate_costs(candidates, out_features: int, in_features: int, group_size: int) -> list[int]:
+    """Stored bits of one singular triple at each candidate width (0 bits = dropped = free)."""
+    return [0 if b == 0 else vector_cost_bits(b, out_features, in_features, group_size) for b in candidates]
+
+
+def max_candidate_vectors(out_features: int, in_features: int, alpha: float, candidates, group_size: int) -> int:
+    """How many singular vectors the optimal allocation can possibly keep (the SVD rank it needs)."""
+    costs = [c for c in candidate_costs(candidates, out_features, in_features, group_size) if c > 0]
+    if not costs:
+        return 0
+    return min(min(out_features, in_features), budget_bits(out_features, in_features, alpha) // min(costs))
+
+
+def error_table(u_rows, v_rows, candidates, quantize_fn, hessian=None):
+    """Measured quantization error of every rank-1 term `u_i v_iᵀ` at every candidate width.
+
+    `u_rows` (r, out) and `v_rows` (r, in) are the two singular vectors of each term (any norm);
+    `quantize_fn(rows, bits) -> dequantized rows` is the quantizer (RTN in practice).
+    With `hessian` H (in, in), errors are measured in the layer's output space:
+    ‖X(ûv̂ᵀ - uvᵀ)ᵀ‖² = ‖û‖² v̂ᵀHv̂ - 2(ûᵀu)(v̂ᵀHv) + ‖u‖² vᵀHv, otherwise in Frobenius norm (H = I).
+
+    Returns (`rel` (r, C) float64: error / energy of the term, 1 for a 0-bit candidate; `energy`
+    (r,) float64: ‖u‖² vᵀHv, the squared size of the term). Pass `s · sqrt(energy)` as `sigma`
+    to `optimal_allocation` to weight each term by its real contribution.
+    """
+    u = u_rows.double()
+    v = v_rows.double()
+    r = u.shape[0]
+    hv = v if hessian is None else v @ hessian.double()
+    uu = (u * u).sum(1)
+    vhv = (v * hv).sum(1)
+    energy = uu * vhv
+    safe = torch.where(energy > 0, energy, torch.ones_like(energy))
+    rel = torch.ones(r, len(candidates), dtype=torch.float64, device=u.device)
+    for c, bits in enumerate(candidates):
+        if bits == 0 or r == 0:
+            continue
+        uq = quantize_fn(u_rows, bits).double()
+        vq = quantize_fn(v_rows, bits).double()
+        hvq = vq if hessian is None else vq @ hessian.double()
+        err = (uq * uq).sum(1) * (vq * hvq).sum(1) - 2 * (uq * u).sum(1) * (vq * hv).sum(1) + energy
+        rel[:, c] = torch.where(energy > 0, err.clamp_min(0) / safe, torch.zeros_like(err))
+    return rel, energy
+
+
+def optimal_allocation(sigma, err_table, costs, budget_bits: int):
+    """Index of the chosen candidate for every vector, minimising Σ σ_i² e_i(c_i) within the budget.
+
+    `sigma` (r,), `err_table` (r, C) relative errors, `costs` (C,) bits per vector of each
+    candidate (a 0-cost candidate, "dropped", makes every budget feasible). Lagrangian relaxation:
+    for a multiplier λ every vector independently takes argmin σ²e + λ·cost; a bisection on log λ
+    finds the cheapest λ within budget, then a greedy pass spends what is left on the upgrades with
+    the best error reduction per bit. Returns a long tensor (r,) of candidate indices.
+    """
+    sigma = torch.as_tensor(sigma).double().cpu()
+    table = torch.as_tensor(err_table).double().cpu()
+    r = sigma.numel()
+    cost = torch.as_tensor(list(costs), dtype=torch.float64)
+    if table.shape != (r, cost.numel()):
+        raise ValueError(f"err_table has shape {tuple(table.shape)}, expected ({r}, {cost.numel()})")
+    # Ties go to the cheaper candidate: argmin returns the first minimum, so sort by cost.
+    order = torch.argsort(cost, stable=True)
+    cost, table = cost[order], table[:, order]
+    dist = sigma[:, None] ** 2 * table  # (r, C)
+    if r == 0:
+        return torch.zeros(0, dtype=torch.long)
+    if cost[0] * r > budget_bits:
+        raise ValueError(
+            f"even the cheapest candidate ({int(cost[0])} bits) for all {r} vectors exceeds the budget of "
+            f"{budget_bits} bits; include 0 (drop) among the candidates"
+        )
+
+    def pick(lam: float):
+        return torch.argmin(dist + lam * cost, dim=1)
+
+    def spent(choice) -> float:
+        return float(cost[choice].sum())
+
+    choice = pick(0.0)
+    if spent(choice) > budget_bits:
+        gaps = torch.diff(torch.unique(cost))
+        # Above `hi` every vector takes the cheapest candidate.
+        hi = float((dist.max() - dist.min()) / gaps.min()) * 2 + 1e-300
+        lo = hi * 1e-40
+        if spent(pick(lo)) <= budget_bits:
+            hi = lo
+        else:
+            for _ in range(80):
+                mid = (lo * hi) ** 0.5
+                if spent(pick(mid)) <= budget_bits:
+                    hi = mid
+                else:
+                    lo = mid
+        choice = pick(hi)
+    # Greedy fix-up: spend the leftover budget on the best error reduction per bit.
+    rows = torch.arange(r)
+    left = budget_bits - spent(choice)
+    for _ in range(r * cost.numel()):
+        dc = cost[None, :] - cost[choice][:, None]
+        gain = dist[rows, choice][:, None] - dist
+        ok = (dc > 0) & (dc <= left) & (gain > 0)
+        if not bool(ok.any()):
+            break
+        ratio = torch.where(ok, gain / dc.clamp_min(1e-300), torch.full_like(gain, -1.0))
+        flat = int(torch.argmax(ratio))
+        i, c = divmod(flat, cost.numel())
+        left -= float(dc[i, c])
+        choice[i] = c
+    return order[choice]
+
+
+def bands_from_widths(widths):
+    """Group per-vector widths into bands: (permutation, bands).
+
+    Vectors are ordered by width (descending; 0 = dropped vectors are left out), keeping their
+    original order within a width. The delta is a sum of rank-1 terms, so permuting the singular
+    triples with `perm` before storing them changes nothing but their order.
+    """
+    widths = torch.as_tensor(widths, dtype=torch.long).cpu()
+    perm, bands = [], []
+    for bits in sorted({int(b) for b in widths.tolist() if b != 0}, reverse=True):
+        idx = torch.nonzero(widths == bits).flatten()
+        perm.append(idx)
+        bands.append(Band(bits, idx.numel()))
+    perm = torch.cat(perm) if perm else torch.zeros(0, dtype=torch.long)
+    return perm, tuple(bands)

@@ -23,8 +23,9 @@ from torchao.core.config import AOBaseConfig
 from torchao.quantization.transform_module import register_quantize_module_handler
 from tqdm.auto import tqdm
 
-from .allocate import FP16_BITS, PAPER_SCHEDULE, SUPPORTED_BITS
+from .allocate import FP16_BITS, OPTIMAL_CANDIDATES, PAPER_SCHEDULE, SUPPORTED_BITS
 from .bitdelta_tensor import BitDeltaTensor
+from .calibrate import calibrated_weights
 from .mixed_precision_delta_tensor import MixedPrecisionDeltaTensor
 from .recipes import GENERIC, Recipe, recipe_for
 
@@ -99,6 +100,12 @@ class DeltaCoMeConfig(AOBaseConfig):
         vector at `single_bits`), "lowrank" (top vectors in fp16), "bitdelta" (sign + one scale).
     svd: "auto" | "exact" | "randomized".
     recipe: which modules to compress; default from the model's `config.model_type`.
+    allocation: "paper" (the 8/3/2-bit schedule) or "optimal" (each singular vector's width from
+        `candidates`, 0 = dropped, minimising the measured error within `alpha`); method "deltacome".
+    calibration: None (data-free RTN) or an iterable of `input_ids` tensors (or dicts of model
+        inputs): the factors are then quantized with GPTQ, layer by layer (see `calibrate.py`), with
+        `damp` (fraction of the Hessian's mean diagonal), `act_order` and, if `target_correction`,
+        Û quantized toward the target that best reproduces the layer's delta outputs.
     """
 
     base: Any = None
@@ -110,6 +117,12 @@ class DeltaCoMeConfig(AOBaseConfig):
     svd: str = "auto"
     recipe: Optional[Recipe] = None
     progress: bool = True
+    allocation: str = "paper"
+    candidates: Sequence[int] = OPTIMAL_CANDIDATES
+    calibration: Optional[Any] = field(default=None, repr=False, compare=False)
+    damp: float = 0.01
+    act_order: bool = True
+    target_correction: bool = False
     _runs: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
@@ -126,6 +139,19 @@ class DeltaCoMeConfig(AOBaseConfig):
         for label, bits in [("single_bits", self.single_bits)] + [("bands", b) for b, _ in (self.bands or ())]:
             if bits not in SUPPORTED_BITS:
                 raise ValueError(f"{label}: unsupported bit-width {bits}; choose from {SUPPORTED_BITS}")
+        if self.allocation not in ("paper", "optimal"):
+            raise ValueError(f"unknown allocation {self.allocation!r}; use 'paper' or 'optimal'")
+        if self.allocation == "optimal":
+            if self.method != "deltacome":
+                raise ValueError(f"allocation='optimal' chooses the widths itself; it needs method='deltacome', not {self.method!r}")
+            if not any(self.candidates) or any(b != 0 and b not in SUPPORTED_BITS for b in self.candidates):
+                raise ValueError(f"candidates {tuple(self.candidates)}: use 0 (dropped) and widths from {SUPPORTED_BITS}")
+        if self.calibration is not None and self.method == "bitdelta":
+            raise ValueError("calibration (GPTQ) applies to the SVD methods, not to method='bitdelta'")
+        if not (self.damp >= 0):
+            raise ValueError(f"damp must be non-negative, got {self.damp}")
+        if self.calibration is not None and not isinstance(self.calibration, (list, tuple, torch.Tensor)):
+            self.calibration = list(self.calibration)  # an iterator would be used up by the first run
         if not isinstance(self.base, BaseWeights):
             self.base = BaseWeights(self.base)
 
@@ -136,13 +162,19 @@ class DeltaCoMeConfig(AOBaseConfig):
             return ((FP16_BITS, None),)
         return PAPER_SCHEDULE
 
-    def compress(self, finetuned: torch.Tensor, base: torch.Tensor, name: str) -> torch.Tensor:
-        """One weight matrix -> its compressed tensor (the per-layer step of the handler)."""
+    def compress(
+        self, finetuned: torch.Tensor, base: torch.Tensor, name: str, hessian: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """One weight matrix -> its compressed tensor (the per-layer step of the handler).
+
+        `hessian`: Σ xᵀx / N of the layer's calibration inputs (GPTQ), or None (RTN)."""
         if self.method == "bitdelta":
             return BitDeltaTensor.from_hp(finetuned, base, name=name)
         return MixedPrecisionDeltaTensor.from_hp(
             finetuned, base, alpha=self.alpha, schedule=self.schedule(), bands=self.bands,
-            group_size=self.group_size, svd=self.svd, name=name,
+            group_size=self.group_size, svd=self.svd, name=name, allocation=self.allocation,
+            candidates=tuple(self.candidates), hessian=hessian, damp=self.damp, act_order=self.act_order,
+            target_correction=self.target_correction,
         )
 
 
@@ -229,6 +261,8 @@ def _plan(root: torch.nn.Module, filter_fn: Callable, config: DeltaCoMeConfig):
             raise ValueError(
                 f"{where}: the base has a bias but the fine-tuned layer has none; the base has another architecture"
             )
+    if config.calibration is not None:
+        return calibrated_weights(root, targets, keys, config), {id(m) for _, m in selected}
     weights = {}
     bar = tqdm(list(zip(targets, keys)), desc=f"{config.method} delta", disable=not config.progress, unit="layer")
     for (name, module), key in bar:

@@ -15,16 +15,23 @@ from torchao.utils import TorchAOBaseTensor
 
 from .allocate import (
     FP16_BITS,
+    OPTIMAL_CANDIDATES,
     PAPER_SCHEDULE,
     Band,
     allocate,
+    bands_from_widths,
     budget_bits,
+    candidate_costs,
+    error_table,
+    max_candidate_vectors,
+    optimal_allocation,
     vector_cost_bits,
 )
 from .decompose import delta_svd, weight_delta
+from .gptq import gptq_input_groups, gptq_output_groups
 from .ops import dequantize_factor, delta_linear
 from .packing import pack_rows
-from .quantize import quantize_rows
+from .quantize import dequantize_rows, quantize_rows
 
 __all__ = ["MixedPrecisionDeltaTensor", "BudgetTooSmallError"]
 
@@ -37,15 +44,23 @@ class BudgetTooSmallError(ValueError):
 
 def _quantize_factor(rows: torch.Tensor, bands, group_size: int, quantizer):
     """Quantize and pack the rows of one factor band by band -> (packed, scale, zero)."""
-    packed, scales, zeros, start = [], [], [], 0
+    quantized, start = [], 0
     for band in bands:
-        q = quantizer(rows[start:start + band.count], band.bits, group_size)
+        quantized.append(quantizer(rows[start:start + band.count], band.bits, group_size))
         start += band.count
+    return _pack_factor(quantized, rows.shape[1], group_size)
+
+
+def _pack_factor(quantized, length: int, group_size: int):
+    """Pack one factor's `QuantizedRows`, one per band in band order -> (packed, scale, zero)."""
+    packed, scales, zeros = [], [], []
+    for q in quantized:
+        band = Band(q.bits, q.codes.shape[0])
         packed.append(pack_rows(q.codes, band.bits))
         if band.bits != FP16_BITS:
             scales.append(q.scale)
             zeros.append(q.zero)
-    groups = math.ceil(rows.shape[1] / group_size)
+    groups = math.ceil(length / group_size)
     scale = torch.cat(scales) if scales else torch.zeros(0, groups, dtype=torch.float16)
     zero = torch.cat(zeros) if zeros else torch.zeros(0, groups, dtype=torch.uint8)
     packed = torch.cat(packed) if packed else torch.zeros(0, dtype=torch.uint8)
@@ -95,38 +110,77 @@ class MixedPrecisionDeltaTensor(TorchAOBaseTensor):
         svd: str = "auto",
         quantizer=_rtn,
         name: str = "weight",
+        allocation: str = "paper",
+        candidates=OPTIMAL_CANDIDATES,
+        hessian: torch.Tensor | None = None,
+        damp: float = 0.01,
+        act_order: bool = True,
+        target_correction: bool = False,
     ) -> "MixedPrecisionDeltaTensor":
         """Compress `finetuned - base`.
 
-        `bands` ([(bits, count), ...]) fixes the allocation; otherwise `schedule` is filled within
-        `alpha` (see `allocate.allocate`). `quantizer(rows, bits, group_size) -> QuantizedRows` is the
-        seam for calibrated quantizers (RTN by default).
+        `bands` ([(bits, count), ...]) fixes the allocation; otherwise `allocation="paper"` fills
+        `schedule` within `alpha` (see `allocate.allocate`) and `allocation="optimal"` gives every
+        singular vector its own width from `candidates` (0 = dropped) minimising the measured
+        σ²-weighted error within `alpha` (see `allocate.optimal_allocation`); the vectors are then
+        stored grouped by width, widest first. `quantizer(rows, bits, group_size) -> QuantizedRows`
+        is the seam for data-free quantizers (RTN by default).
+
+        `hessian` (in, in), the Σ xᵀx of this layer's calibration inputs, switches both factors to
+        GPTQ (`gptq.py`; `damp`, `act_order`, group size `group_size`) and makes the optimal
+        allocation measure errors in output space. `target_correction` then quantizes Û toward the
+        least-squares target that best reproduces the full delta's outputs given the quantized V̂
+        (regularised toward the SVD's Û with `damp`).
         """
         delta = weight_delta(finetuned, base, name)
         out_features, in_features = delta.shape
-        if bands is None:
+        if allocation not in ("paper", "optimal"):
+            raise ValueError(f"unknown allocation {allocation!r}; use 'paper' or 'optimal'")
+        if hessian is not None and tuple(hessian.shape) != (in_features, in_features):
+            raise ValueError(f"{name}: hessian has shape {tuple(hessian.shape)}, expected {(in_features, in_features)}")
+        optimal = bands is None and allocation == "optimal"
+        if optimal:
+            for b in candidates:
+                if b != 0:
+                    vector_cost_bits(b, out_features, in_features, group_size)  # validates the width
+            max_rank = max_candidate_vectors(out_features, in_features, alpha, candidates, group_size)
+            if max_rank == 0 and torch.any(delta):
+                raise _budget_error(name, alpha, out_features, in_features, [b for b in candidates if b], group_size)
+        elif bands is None:
             chosen = allocate(out_features, in_features, alpha, schedule, group_size)
             if not chosen and torch.any(delta):
-                cheapest = min(vector_cost_bits(b, out_features, in_features, group_size) for b, _ in schedule)
-                raise BudgetTooSmallError(
-                    f"{name}: alpha={alpha:g} gives {budget_bits(out_features, in_features, alpha)} bits for a "
-                    f"{out_features}x{in_features} delta, but the cheapest singular vector costs {cheapest} bits "
-                    f"(codes, scales, zero-points and S); raise alpha or lower group_size"
-                )
+                raise _budget_error(name, alpha, out_features, in_features, [b for b, _ in schedule], group_size)
+            max_rank = sum(b.count for b in chosen)
         else:
             chosen = tuple(Band(int(b), int(c)) for b, c in bands)
             for b in chosen:
                 vector_cost_bits(b.bits, out_features, in_features, group_size)  # validates the width
-        svd_out = delta_svd(delta, rank=sum(b.count for b in chosen), method=svd)
-        chosen = _truncate(chosen, svd_out.rank)
-        rank = svd_out.rank if chosen else 0
-        u_rows, s, v_rows = svd_out.U[:, :rank].T, svd_out.S[:rank], svd_out.Vh[:rank]
+            max_rank = sum(b.count for b in chosen)
+        svd_out = delta_svd(delta, rank=max_rank, method=svd)
+        u_rows, s, v_rows = svd_out.U.T, svd_out.S, svd_out.Vh
         # Scale each singular vector to max |x| = 1 so group scales stay in fp16's normal range.
-        u_max = u_rows.abs().amax(dim=1).clamp_min(1e-30) if rank else s
-        v_max = v_rows.abs().amax(dim=1).clamp_min(1e-30) if rank else s
+        u_max = u_rows.abs().amax(dim=1).clamp_min(1e-30) if s.numel() else s
+        v_max = v_rows.abs().amax(dim=1).clamp_min(1e-30) if s.numel() else s
         u_rows, v_rows, s = u_rows / u_max[:, None], v_rows / v_max[:, None], s * u_max * v_max
-        v_packed, v_scale, v_zero = _quantize_factor(v_rows, chosen, group_size, quantizer)
-        u_packed, u_scale, u_zero = _quantize_factor(u_rows, chosen, group_size, quantizer)
+        if optimal:
+            chosen, perm = _optimal_bands(
+                u_rows, s, v_rows, candidates, budget_bits(out_features, in_features, alpha), group_size,
+                quantizer, hessian, damp,
+            )
+        else:
+            chosen = _truncate(chosen, svd_out.rank)
+            perm = torch.arange(sum(b.count for b in chosen), device=s.device)
+        u_rows, s, v_rows = u_rows[perm], s[perm], v_rows[perm]
+        if hessian is None:
+            v_packed, v_scale, v_zero = _quantize_factor(v_rows, chosen, group_size, quantizer)
+            u_packed, u_scale, u_zero = _quantize_factor(u_rows, chosen, group_size, quantizer)
+        else:
+            v_q, u_q, s = _gptq_factors(
+                u_rows, s, v_rows, chosen, hessian, group_size, damp, act_order,
+                target=delta if target_correction else None,
+            )
+            v_packed, v_scale, v_zero = _pack_factor(v_q, in_features, group_size)
+            u_packed, u_scale, u_zero = _pack_factor(u_q, out_features, group_size)
         device = base.device
         return cls(
             base.detach().clone().contiguous(),
@@ -165,6 +219,61 @@ class MixedPrecisionDeltaTensor(TorchAOBaseTensor):
         u, s, v = self.delta_factors()
         w = self.base_weight.float() + (u * s) @ v
         return w.to(output_dtype or self.dtype)
+
+
+def _budget_error(name, alpha, out_features, in_features, widths, group_size) -> BudgetTooSmallError:
+    cheapest = min(vector_cost_bits(b, out_features, in_features, group_size) for b in widths)
+    return BudgetTooSmallError(
+        f"{name}: alpha={alpha:g} gives {budget_bits(out_features, in_features, alpha)} bits for a "
+        f"{out_features}x{in_features} delta, but the cheapest singular vector costs {cheapest} bits "
+        f"(codes, scales, zero-points and S); raise alpha or lower group_size"
+    )
+
+
+def _optimal_bands(u_rows, s, v_rows, candidates, budget, group_size, quantizer, hessian, damp):
+    """Per-vector widths from `allocate.optimal_allocation` -> (bands, permutation of the vectors)."""
+    out_features, in_features = u_rows.shape[1], v_rows.shape[1]
+
+    def measure(rows, bits):
+        return dequantize_rows(quantizer(rows, bits, group_size), group_size)
+
+    H = None
+    if hessian is not None:
+        H = hessian.detach().to(device=v_rows.device, dtype=torch.float64)
+        H = H + damp * torch.diagonal(H).mean().clamp_min(1e-30) * torch.eye(in_features, dtype=H.dtype, device=H.device)
+    rel, energy = error_table(u_rows, v_rows, candidates, measure, H)
+    weight = s.double().cpu() * energy.cpu().sqrt()
+    costs = candidate_costs(candidates, out_features, in_features, group_size)
+    choice = optimal_allocation(weight, rel.cpu(), costs, budget)
+    widths = torch.tensor(candidates, dtype=torch.long)[choice]
+    perm, bands = bands_from_widths(widths)
+    return bands, perm.to(s.device)
+
+
+def _gptq_factors(u_rows, s, v_rows, bands, hessian, group_size, damp, act_order, target=None):
+    """GPTQ of V̂ against H_x, then of Û against H_z = diag(s) V̂ H_x V̂ᵀ diag(s) (quantized V̂).
+
+    Returns (V̂ `QuantizedRows` per band, Ûᵀ `QuantizedRows` per band, s). With `target` (the full
+    delta), Û is first replaced by argmin ‖X(target - Û diag(s) V̂)ᵀ‖² + λ‖Û - Û_svd‖², which also
+    absorbs part of V̂'s error and of the dropped tail; its rows are renormalised into s.
+    """
+    widths = [b.bits for b in bands for _ in range(b.count)]
+    H = hessian.detach().to(device=v_rows.device, dtype=torch.float32)
+    v = gptq_input_groups(v_rows, H, widths, group_size, damp, act_order)
+    vq = v.dequantized
+    vh = vq @ H  # (r, in)
+    gram = vh @ vq.T  # V̂ H V̂ᵀ (r, r)
+    if target is not None and s.numel():
+        hz = s[:, None] * gram * s[None, :]
+        lam = damp * torch.diagonal(hz).mean().clamp_min(1e-30)
+        rhs = s[:, None] * (vh @ target.to(vh.device, torch.float32).T) + lam * u_rows
+        ut = torch.linalg.solve(hz + lam * torch.eye(hz.shape[0], device=hz.device), rhs)
+        if torch.isfinite(ut).all():
+            scale = ut.abs().amax(dim=1).clamp_min(1e-30)
+            u_rows, s = ut / scale[:, None], s * scale
+    hz = s[:, None] * gram * s[None, :]
+    u = gptq_output_groups(u_rows, hz, widths, group_size, damp, act_order)
+    return v.band_rows(bands), u.band_rows(bands), s
 
 
 def _truncate(bands, rank: int) -> tuple[Band, ...]:

@@ -1,0 +1,215 @@
+"""Layer-sequential calibration: the Hessians GPTQ needs, one decoder layer at a time.
+
+Used by `DeltaCoMeConfig(calibration=...)` while it plans (before anything in the model changes):
+
+1. Find the decoder layers: the `nn.ModuleList` holding the most of the selected linear layers.
+2. Run the model on each calibration sample until the first decoder layer; a forward pre-hook
+   records the hidden states and every other argument of that call (attention mask, position
+   embeddings, ...) and stops the forward.
+3. For each decoder layer in order: run it with its own (fine-tuned) weights while forward hooks
+   accumulate H_x = Σ xᵀx / N for each selected linear inside it; compress those linears with GPTQ
+   against their H_x; then run the layer again with the *compressed* weights (substituted through
+   `torch.func.functional_call`, so the model itself is never modified) to get the next layer's
+   inputs. Only one layer's activations are held at a time.
+
+Layers whose arguments differ between layers (e.g. alternating sliding-window masks, announced by
+`config.layer_types`) get their own recorded arguments, at the price of one full forward.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+__all__ = ["find_decoder_layers", "calibrated_weights"]
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook to stop the model's forward once the inputs are recorded."""
+
+
+def find_decoder_layers(root: nn.Module, modules) -> tuple[str, nn.ModuleList]:
+    """(name, list) of the `nn.ModuleList` whose items contain the most of `modules`.
+
+    Ties go to the outermost list (e.g. the decoder layers rather than experts inside one layer).
+    """
+    wanted = {id(m) for m in modules}
+    best = None
+    for name, module in root.named_modules():
+        if not isinstance(module, nn.ModuleList):
+            continue
+        count = sum(1 for item in module for sub in item.modules() if id(sub) in wanted)
+        if count and (best is None or count > best[0]):
+            best = (count, name, module)
+    if best is None:
+        raise ValueError(
+            "calibration needs the model's decoder layers (an nn.ModuleList containing the compressed linear "
+            "layers) but found none; compress without calibration="
+        )
+    return best[1], best[2]
+
+
+def _model_inputs(sample, device) -> dict:
+    if isinstance(sample, Mapping):
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in sample.items()}
+    ids = torch.as_tensor(sample)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"calibration samples must be input_ids (1-D or batch x seq integer tensors) or dicts of model "
+            f"inputs, got a {tuple(ids.shape)} {ids.dtype} tensor"
+        )
+    return {"input_ids": ids.to(device)}
+
+
+def _split_call(args, kwargs):
+    """(hidden states, other positional args, kwargs) of a decoder layer call."""
+    if args:
+        return args[0], tuple(args[1:]), dict(kwargs)
+    kwargs = dict(kwargs)
+    if "hidden_states" not in kwargs:
+        raise ValueError("could not find the hidden states among the decoder layer's arguments")
+    return kwargs.pop("hidden_states"), (), kwargs
+
+
+def _layer_output(out) -> torch.Tensor:
+    """The hidden states a decoder layer returns (a tensor, or the first item of a tuple)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"cannot read hidden states from a decoder layer output of type {type(out).__name__}")
+
+
+def _capture(root: nn.Module, layers: nn.ModuleList, samples, per_layer: bool):
+    """Per sample: [hidden states entering layer 0, positional args, kwargs of every layer]."""
+    device = next(iter(root.parameters())).device
+    extra = {"use_cache": False} if hasattr(getattr(root, "config", None), "use_cache") else {}
+    last = len(layers) - 1 if per_layer else 0
+    state: dict = {}
+
+    def make_hook(index: int):
+        def hook(module, args, kwargs):
+            hidden, rest, kw = _split_call(args, kwargs)
+            if index == 0:
+                state["hidden"], state["rest"] = hidden.detach(), rest
+            state.setdefault("kwargs", []).append(kw)
+            if index == last:
+                raise _StopForward
+
+        return hook
+
+    records = []
+    handles = [layers[i].register_forward_pre_hook(make_hook(i), with_kwargs=True) for i in range(last + 1)]
+    try:
+        for sample in samples:
+            state.clear()
+            try:
+                root(**_model_inputs(sample, device), **extra)
+            except _StopForward:
+                pass
+            else:
+                raise RuntimeError("the model's forward never reached its decoder layers")
+            kwargs = state["kwargs"] if per_layer else state["kwargs"] * len(layers)
+            records.append([state["hidden"], state["rest"], kwargs])
+    finally:
+        for h in handles:
+            h.remove()
+    return records
+
+
+def _differs_per_layer(root: nn.Module) -> bool:
+    layer_types = getattr(getattr(root, "config", None), "layer_types", None)
+    return bool(layer_types) and len(set(layer_types)) > 1
+
+
+@torch.no_grad()
+def calibrated_weights(root: nn.Module, targets, keys, config) -> dict:
+    """Compress `targets` ([(name, linear)], base tensor names `keys`) with GPTQ, layer by layer.
+
+    Returns {id(linear): compressed weight}. Targets outside the decoder layers are compressed
+    without calibration (with a warning). The model is left exactly as it was.
+    """
+    samples = list(config.calibration)
+    if not samples:
+        raise ValueError("calibration= is empty; pass a list of input_ids tensors")
+    _, layers = find_decoder_layers(root, [m for _, m in targets])
+    owner = {}
+    for index, layer in enumerate(layers):
+        for sub_name, sub in layer.named_modules():
+            owner[id(sub)] = (index, sub_name)
+    by_layer: list[list] = [[] for _ in layers]
+    weights = {}
+    outside = []
+    for (name, module), key in zip(targets, keys):
+        if id(module) in owner:
+            index, sub_name = owner[id(module)]
+            by_layer[index].append((name, sub_name, module, key))
+        else:
+            outside.append((name, module, key))
+    if outside:
+        warnings.warn(
+            f"{len(outside)} selected layers lie outside the decoder layers and are compressed without "
+            f"calibration (first: {outside[0][0]!r})",
+            stacklevel=2,
+        )
+    records = _capture(root, layers, samples, _differs_per_layer(root))
+    last = max(i for i, group in enumerate(by_layer) if group)
+    bar = tqdm(range(last + 1), desc=f"{config.method} delta (GPTQ)", disable=not config.progress, unit="layer")
+    for index in bar:
+        layer, group = layers[index], by_layer[index]
+        hessians = _layer_hessians(layer, group, records, index) if group else {}
+        compressed = {}
+        for name, sub_name, module, key in group:
+            finetuned = module.weight.detach()
+            base = config.base[key].to(device=finetuned.device, dtype=finetuned.dtype)
+            weight = config.compress(finetuned, base, name or "weight", hessian=hessians.pop(id(module)))
+            weights[id(module)] = weight
+            compressed[f"{sub_name}.weight"] = weight.dequantize(finetuned.dtype)
+        if index == last:
+            continue  # no later layer needs its outputs
+        for record in records:
+            hidden, rest, kwargs = record
+            out = torch.func.functional_call(layer, compressed, (hidden, *rest), kwargs[index])
+            record[0] = _layer_output(out).detach()
+    for name, module, key in outside:
+        finetuned = module.weight.detach()
+        base = config.base[key].to(device=finetuned.device, dtype=finetuned.dtype)
+        weights[id(module)] = config.compress(finetuned, base, name or "weight")
+    return weights
+
+
+def _layer_hessians(layer: nn.Module, group, records, index: int) -> dict:
+    """{id(linear): Σ xᵀx / N} over all calibration tokens, running `layer` with its own weights."""
+    sums = {}
+
+    def make_hook(module):
+        def hook(mod, args, out):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            acc = sums.get(id(module))
+            if acc is None:
+                acc = sums[id(module)] = [torch.zeros(x.shape[1], x.shape[1], device=x.device), 0]
+            acc[0].addmm_(x.T, x)
+            acc[1] += x.shape[0]
+
+        return hook
+
+    handles = [module.register_forward_hook(make_hook(module)) for _, _, module, _ in group]
+    try:
+        for hidden, rest, kwargs in records:
+            layer(hidden, *rest, **kwargs[index])
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for name, _, module, _ in group:
+        if id(module) not in sums:
+            raise RuntimeError(f"{name or 'module'} never ran during calibration; cannot compute its Hessian")
+        total, count = sums[id(module)]
+        out[id(module)] = total / max(count, 1)
+    return out
