@@ -1,0 +1,283 @@
+"""Stage 8 (integrations): compressed models through transformers' `save_pretrained` / `from_pretrained`.
+
+Importing this module registers `quant_method="deltacome"` with transformers (a
+`QuantizationConfigMixin` and an `HfQuantizer`, through `register_quantization_config` /
+`register_quantizer`). Then
+
+    from deltacome_ao.hf import save_pretrained
+    save_pretrained(model, "out")                       # or enable_save_pretrained(model); model.save_pretrained("out")
+    model = AutoModelForCausalLM.from_pretrained("out")  # needs `import deltacome_ao.hf` first
+
+The checkpoint is a standalone model: each compressed weight is stored as its inner tensors
+`<module>.weight:<inner>` (`base_weight` included), every other tensor as usual, and `config.json`'s
+`quantization_config` lists the structure of every compressed layer (tensor type, shape, dtype,
+bands, group size). On load the quantizer puts an empty tensor-subclass shell of exactly that
+structure in place of each listed `nn.Linear` weight before any tensor is read, checks that the
+checkpoint holds every inner tensor of every listed layer (and no others), and rebuilds each weight
+from its inner tensors with `artifact.assemble` (shapes and dtypes checked). Nothing is left at its
+random init: a listed layer that was not rebuilt is an error.
+
+Why not transformers' `TorchAoConfig`: its quantizer knows only torchao's own inner-tensor names
+(`qdata`, `scale`, ...), so a third-party subclass saves but reloads with its weights silently left
+at random init.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+from safetensors import safe_open
+from transformers.core_model_loading import ConversionOps
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.quantizers.quantizers_utils import get_module_from_name
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .artifact import (
+    COMPRESSED,
+    FORMAT_VERSION,
+    INNER_NAMES,
+    SEP,
+    TENSOR_CLASSES,
+    DeltaFormatError,
+    _check_spec,
+    _method_fields,
+    _weight_key,
+    assemble,
+    compressed_layers,
+    flatten_state_dict,
+    layer_spec,
+    shell,
+)
+from .config import DeltaCoMeConfig
+
+__all__ = ["QUANT_METHOD", "DeltaCoMeHfConfig", "DeltaCoMeHfQuantizer", "enable_save_pretrained", "save_pretrained"]
+
+QUANT_METHOD = "deltacome"
+
+
+class DeltaCoMeHfConfig(QuantizationConfigMixin):
+    """`quantization_config` of a compressed checkpoint (stored in `config.json`).
+
+    modules: {module name: layer structure} (`artifact.layer_spec`) for every compressed layer.
+    method / alpha / group_size / allocation / calibrated: how it was compressed, when known.
+    """
+
+    def __init__(
+        self,
+        modules: Optional[dict] = None,
+        format_version: int = FORMAT_VERSION,
+        library_version: Optional[str] = None,
+        method: Optional[str] = None,
+        alpha: Optional[float] = None,
+        group_size: Optional[int] = None,
+        allocation: Optional[str] = None,
+        calibrated: Optional[bool] = None,
+        **kwargs,
+    ):
+        self.quant_method = QUANT_METHOD
+        if not isinstance(format_version, int) or format_version > FORMAT_VERSION:
+            raise DeltaFormatError(
+                f"quantization_config format_version {format_version!r}; this deltacome_ao reads versions up to "
+                f"{FORMAT_VERSION} (upgrade it)"
+            )
+        self.format_version = format_version
+        if library_version is None:
+            import deltacome_ao
+
+            library_version = deltacome_ao.__version__
+        self.library_version = library_version
+        self.method, self.alpha, self.group_size = method, alpha, group_size
+        self.allocation, self.calibrated = allocation, calibrated
+        self.modules = {name: dict(spec) for name, spec in (modules or {}).items()}
+        for name, spec in self.modules.items():
+            _check_spec(spec, name)
+        unknown = set(kwargs) - {"quant_method"}
+        if unknown:  # written by a newer release of the same format version: informational only
+            warnings.warn(f"quantization_config: ignoring unknown fields {sorted(unknown)}", stacklevel=2)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, config: Optional[DeltaCoMeConfig] = None) -> "DeltaCoMeHfConfig":
+        layers = compressed_layers(model)
+        if not layers:
+            raise ValueError("the model has no compressed layer; run quantize_(model, DeltaCoMeConfig(base=...)) first")
+        return cls(modules={name: layer_spec(w) for name, w in layers.items()}, **_method_fields(config))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quant_method": self.quant_method,
+            "format_version": self.format_version,
+            "library_version": self.library_version,
+            "method": self.method,
+            "alpha": self.alpha,
+            "group_size": self.group_size,
+            "allocation": self.allocation,
+            "calibrated": self.calibrated,
+            "modules": {name: dict(spec) for name, spec in self.modules.items()},
+        }
+
+
+class DeltaCoMeDeserialize(ConversionOps):
+    """Loading op: the inner tensors of one layer (`weight:<inner>` keys) -> its compressed weight."""
+
+    def __init__(self, hf_quantizer: "DeltaCoMeHfQuantizer"):
+        self.hf_quantizer = hf_quantizer  # also tells transformers not to cast these tensors
+
+    def __deepcopy__(self, memo):
+        # transformers deep-copies the converter for every layer; share the quantizer, do not copy it
+        return type(self)(self.hf_quantizer)
+
+    def convert(self, input_dict, source_patterns=None, model=None, full_layer_name=None, **kwargs):
+        module_name = full_layer_name.rpartition(".")[0]
+        spec = self.hf_quantizer.quantization_config.modules.get(module_name)
+        if spec is None:
+            raise DeltaFormatError(
+                f"{full_layer_name}: the checkpoint holds compressed-weight tensors for it but "
+                f"quantization_config lists no module {module_name!r}"
+            )
+        tensors = {}
+        for key, values in input_dict.items():
+            values = values if isinstance(values, list) else [values]
+            if len(values) != 1:
+                raise DeltaFormatError(f"{full_layer_name}: {len(values)} tensors for {key}")
+            tensors[key.split(SEP, 1)[1]] = values[0]
+        module, _ = get_module_from_name(model, full_layer_name)
+        target = module.weight  # the shell: its dtype is the one the model is loaded in
+        weight = assemble(spec, tensors, where=module_name, dtype=target.dtype)
+        module._is_hf_initialized = True
+        self.hf_quantizer.loaded.add(module_name)
+        param = torch.nn.Parameter(weight, requires_grad=False)
+        return {full_layer_name: param}
+
+
+class DeltaCoMeHfQuantizer(HfQuantizer):
+    """Loads (and saves) checkpoints whose `quantization_config.quant_method` is "deltacome"."""
+
+    requires_calibration = True  # only pre-compressed checkpoints: compression needs the base model
+    serialized_names = {"weight": [f"weight{SEP}{n}" for n in INNER_NAMES]}
+
+    def __init__(self, quantization_config: DeltaCoMeHfConfig, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self.loaded: set[str] = set()
+
+    def validate_environment(self, *args, **kwargs):
+        device_map = kwargs.get("device_map")
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError("deltacome checkpoints cannot be offloaded to disk; remove 'disk' from device_map")
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        modules = self.quantization_config.modules
+        for name, spec in modules.items():
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise DeltaFormatError(f"quantization_config lists {name!r}, which this model does not have") from None
+            w = getattr(module, "weight", None)
+            if not isinstance(module, torch.nn.Linear) or w is None or list(w.shape) != spec["shape"]:
+                shape = None if w is None else tuple(w.shape)
+                raise DeltaFormatError(
+                    f"{name}: quantization_config describes a {tuple(spec['shape'])} linear weight, the model has "
+                    f"{type(module).__name__} with weight {shape}"
+                )
+            module.weight = torch.nn.Parameter(shell(spec, device=w.device, dtype=w.dtype), requires_grad=False)
+        if checkpoint_files:
+            self._check_checkpoint(checkpoint_files)
+        self.loaded = set()
+
+    def _check_checkpoint(self, checkpoint_files):
+        """Every inner tensor of every listed layer is in the checkpoint, and no other such tensor."""
+        keys = set()
+        for path in checkpoint_files:
+            if not str(path).endswith(".safetensors"):
+                raise DeltaFormatError(f"{path}: deltacome checkpoints are safetensors files only")
+            with safe_open(str(path), framework="pt") as f:
+                keys.update(k for k in f.keys() if SEP in k)
+        expected = {
+            f"{_weight_key(name)}{SEP}{inner}"
+            for name, spec in self.quantization_config.modules.items()
+            for inner in TENSOR_CLASSES[spec["tensor"]].tensor_data_names
+        }
+        missing, extra = sorted(expected - keys), sorted(keys - expected)
+        if missing or extra:
+            raise DeltaFormatError(
+                f"the checkpoint does not match its quantization_config: missing {missing[:4]}"
+                f"{' ...' if len(missing) > 4 else ''}, unexpected {extra[:4]}{' ...' if len(extra) > 4 else ''}"
+            )
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        left = sorted(set(self.quantization_config.modules) - self.loaded)
+        if left:
+            raise RuntimeError(f"compressed layers not loaded from the checkpoint (would be uninitialised): {left[:4]}")
+        for name in self.quantization_config.modules:
+            w = model.get_submodule(name).weight
+            if not isinstance(w, COMPRESSED) or any(getattr(w, n).device.type == "meta" for n in w.tensor_data_names):
+                raise RuntimeError(f"{name}: the compressed weight was not loaded")
+        # Our converter is not a model weight conversion: get_state_dict_and_metadata already writes
+        # the stored form, so saving must not try to revert it.
+        conversions = getattr(model, "_weight_conversions", None)
+        if conversions:
+            model._weight_conversions = [
+                c for c in conversions if not any(isinstance(op, DeltaCoMeDeserialize) for op in getattr(c, "operations", ()))
+            ]
+        return model
+
+    def _dequantize(self, model, dtype=None):
+        """`model.dequantize()`: every compressed weight becomes the dense `W_base + delta`."""
+        for name, w in compressed_layers(model).items():
+            model.get_submodule(name).weight = torch.nn.Parameter(w.dequantize(dtype or w.dtype), requires_grad=False)
+        return model
+
+    def get_load_operations(self) -> dict:
+        return {"deserialize": DeltaCoMeDeserialize}
+
+    def get_state_dict_and_metadata(self, model):
+        layers = compressed_layers(model)
+        config = self.quantization_config
+        config.modules = {name: layer_spec(w) for name, w in layers.items()}  # config.json is written after this
+        model.config.quantization_config = config
+        return flatten_state_dict(model.state_dict()), {"deltacome_format_version": str(FORMAT_VERSION)}
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+    register_quantization_config(QUANT_METHOD)(DeltaCoMeHfConfig)
+if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+    register_quantizer(QUANT_METHOD)(DeltaCoMeHfQuantizer)
+
+
+def enable_save_pretrained(model: torch.nn.Module, config: Optional[DeltaCoMeConfig] = None) -> torch.nn.Module:
+    """Attach the deltacome quantizer to a model compressed with `quantize_`, so that
+    `model.save_pretrained(dir)` writes a checkpoint `from_pretrained` can load.
+    `config`: the `DeltaCoMeConfig` used (method, alpha, ... are recorded in config.json)."""
+    quantizer = DeltaCoMeHfQuantizer(DeltaCoMeHfConfig.from_model(model, config), pre_quantized=True)
+    # What from_pretrained leaves on a model it loaded through a quantizer (preprocess_model /
+    # postprocess_model), without their loading checks.
+    model.hf_quantizer = quantizer
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+    model.config.quantization_config = quantizer.quantization_config
+    return model
+
+
+def save_pretrained(model: torch.nn.Module, save_directory, config: Optional[DeltaCoMeConfig] = None, **kwargs):
+    """`enable_save_pretrained(model, config)` then `model.save_pretrained(save_directory, **kwargs)`."""
+    if getattr(model, "hf_quantizer", None) is None:
+        enable_save_pretrained(model, config)
+    return model.save_pretrained(save_directory, **kwargs)
