@@ -174,6 +174,8 @@ class PairSpec:
     finetune_steps: int = 400
     finetune_batch: int = 128
     finetune_lr: float = 3e-4
+    replay_batch: int = 0
+    replay_seq_len: int = 128
     seed: int = 0
     threads: int = 2
 
@@ -213,13 +215,14 @@ def _train(model, batches, steps: int, lr: float, weight_decay: float, bar: tqdm
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, lr, warmup=max(1, steps // 20))
-        ids, labels = batches(step)
-        out = model(input_ids=ids, labels=labels)
-        out.loss.backward()
+        parts = batches(step)
+        for ids, labels in parts:
+            out = model(input_ids=ids, labels=labels)
+            (out.loss / len(parts)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss = out.loss.item()
+        loss = out.loss.item() if len(parts) == 1 else model(input_ids=parts[0][0], labels=parts[0][1]).loss.item()
         bar.set_postfix(stage=stage, loss=f"{loss:.3f}")
         bar.update()
     model.eval()
@@ -232,7 +235,7 @@ def _pretrain_batches(spec: PairSpec):
 
     def batch(step: int):
         ids = _windows(data, spec.pretrain_batch, spec.pretrain_seq_len, gen)
-        return ids, ids
+        return [(ids, ids)]
     return batch
 
 
@@ -240,6 +243,7 @@ def _finetune_batches(spec: PairSpec):
     """Batches of full problems; loss only on answer + EOS, as in supervised fine-tuning."""
     pairs = spec.task.train_pairs()
     gen = torch.Generator().manual_seed(spec.seed + 1)
+    data = stdlib_text(PRETRAIN_FILES)
 
     def batch(step: int):
         idx = torch.randint(0, len(pairs), (spec.finetune_batch,), generator=gen).tolist()
@@ -248,7 +252,10 @@ def _finetune_batches(spec: PairSpec):
         labels = ids.clone()
         for row, (_, n_prompt) in enumerate(examples):
             labels[row, :n_prompt] = -100
-        return ids, labels
+        if not spec.replay_batch:
+            return [(ids, labels)]
+        replay = _windows(data, spec.replay_batch, spec.replay_seq_len, gen)
+        return [(ids, labels), (replay, replay)]
     return batch
 
 
