@@ -93,19 +93,19 @@ def _greedy(model, ids: torch.Tensor, max_new_tokens: int, eos_token_id) -> torc
 
 @torch.no_grad()
 def kl_divergence(
-    model: torch.nn.Module, reference: torch.nn.Module, batches: Iterable[torch.Tensor]
+    model: torch.nn.Module, reference: torch.nn.Module, batches: Iterable[torch.Tensor], start: int = 1
 ) -> float:
     """Mean per-token KL(reference || model) of next-token distributions, in nats.
 
-    Every position of every (unpadded) ``[batch, seq]`` id tensor counts once, so the
-    result is a token-weighted mean: 0 for identical models, larger the more the
-    model's predictions drift from the reference's.
+    Over every position of every (unpadded) ``[batch, seq]`` id tensor that predicts a
+    token at index ``start`` or later (e.g. only the answer of a prompt + answer row): a
+    token-weighted mean, 0 for identical models, larger the more the model's predictions drift.
     """
     total, count = 0.0, 0
     for ids in batches:
         ids = ids.to(_device(reference))
-        ref_logp = F.log_softmax(_logits(reference, ids)[0], dim=-1)
-        logp = F.log_softmax(_logits(model, ids.to(_device(model)))[0].to(ref_logp.device), dim=-1)
+        ref_logp = F.log_softmax(_logits(reference, ids)[0][:, start - 1 : -1], dim=-1)
+        logp = F.log_softmax(_logits(model, ids.to(_device(model)))[0][:, start - 1 : -1].to(ref_logp.device), dim=-1)
         kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
         total += kl.sum().item()
         count += kl.numel()
@@ -113,13 +113,14 @@ def kl_divergence(
 
 
 @torch.no_grad()
-def perplexity(model: torch.nn.Module, batches: Iterable[torch.Tensor]) -> float:
-    """exp of the mean next-token negative log-likelihood over all predicted tokens."""
+def perplexity(model: torch.nn.Module, batches: Iterable[torch.Tensor], start: int = 1) -> float:
+    """exp of the mean next-token negative log-likelihood of the tokens at index ``start`` or later."""
     total, count = 0.0, 0
     for ids in batches:
         ids = ids.to(_device(model))
-        logits = _logits(model, ids)[0][:, :-1]
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        logits = _logits(model, ids)[0][:, start - 1 : -1]
+        target = ids[:, start:]
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
         total += nll.item()
-        count += ids[:, 1:].numel()
+        count += target.numel()
     return math.exp(total / count)

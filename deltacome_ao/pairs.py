@@ -18,6 +18,7 @@ import shutil
 import sysconfig
 import tempfile
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from deltacome_ao.evaluate import exact_match_accuracy, kl_divergence, perplexit
 __all__ = [
     "BOS", "EOS", "PAD", "VOCAB_SIZE", "encode", "decode",
     "ArithmeticTask", "PairSpec", "PAIRS", "get_pair", "load_pair", "build_pair",
+    "train_pair", "relative_deltas",
 ]
 
 # --- byte-level tokens: ids 0..255 are raw bytes, then three specials -------------
@@ -81,12 +83,14 @@ def _windows(data: bytes, n: int, seq_len: int, gen: torch.Generator) -> torch.T
 # --- the fine-tuning task ------------------------------------------------------------
 @dataclass(frozen=True)
 class ArithmeticTask:
-    """Fixed-width addition such as ``07+45=052``: prompt ``07+45=``, answer ``052``.
+    """Fixed-width addition: prompt ``07+45=``, answer ``052``, or ``250`` with ``reverse``.
 
     Zero-padding makes every problem the same length, so eval batches need no padding.
-    With ``reverse`` the answer digits are written least-significant first (``250``),
-    which lets the model emit the carry-free digit first.  All ``base**2`` operand pairs
-    are shuffled once with ``split_seed``; the last ``heldout`` pairs are never trained on.
+    ``reverse`` writes the answer least-significant digit first, so each digit depends
+    only on digits already seen plus one carry: a 2.9M model learns it in a few hundred
+    CPU steps (the plain order needed higher learning rates and a larger delta).  All
+    ``(10**digits)**2`` operand pairs are shuffled once with ``split_seed``; the last
+    ``heldout`` of them are never trained on.
     """
 
     digits: int = 2
@@ -162,7 +166,8 @@ class ArithmeticTask:
 # --- pair specification ------------------------------------------------------------
 @dataclass(frozen=True)
 class PairSpec:
-    """Everything that determines a pair; two builds of one spec give the same weights."""
+    """Everything that determines a pair; with the same software and CPU, two builds of
+    one spec give bit-identical weights."""
 
     name: str
     task: ArithmeticTask
@@ -174,8 +179,6 @@ class PairSpec:
     finetune_steps: int = 400
     finetune_batch: int = 128
     finetune_lr: float = 3e-4
-    replay_batch: int = 0
-    replay_seq_len: int = 128
     seed: int = 0
     threads: int = 2
 
@@ -186,14 +189,22 @@ class PairSpec:
         )
 
 
+# Chosen by measurement on 2 CPU cores (see docs/pairs.md).  GQA (8 query / 2 kv heads)
+# and an intermediate size of 688 (not a multiple of 128) give varied matrix shapes.
+# initializer_range 0.05 (~0.8/sqrt(hidden)) instead of HF's 0.02: with the tiny default
+# the short pre-training leaves weights near their init scale, so the fine-tune moved
+# them by 35 %+ and learned slower; at 0.05 the delta is ~12 %, like a real fine-tune.
 PAIRS: dict[str, PairSpec] = {
     "llama-arith": PairSpec(
         name="llama-arith",
-        task=ArithmeticTask(digits=2, reverse=False),
+        task=ArithmeticTask(digits=2, reverse=True),
         model=dict(
             hidden_size=256, intermediate_size=688, num_hidden_layers=4,
             num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
+            initializer_range=0.05,
         ),
+        pretrain_steps=250, pretrain_batch=16, pretrain_seq_len=256, pretrain_lr=2e-3,
+        finetune_steps=400, finetune_batch=128, finetune_lr=3e-4,
     ),
 }
 
@@ -215,14 +226,13 @@ def _train(model, batches, steps: int, lr: float, weight_decay: float, bar: tqdm
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, lr, warmup=max(1, steps // 20))
-        parts = batches(step)
-        for ids, labels in parts:
-            out = model(input_ids=ids, labels=labels)
-            (out.loss / len(parts)).backward()
+        ids, labels = batches(step)
+        out = model(input_ids=ids, labels=labels)
+        out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss = out.loss.item() if len(parts) == 1 else model(input_ids=parts[0][0], labels=parts[0][1]).loss.item()
+        loss = out.loss.item()
         bar.set_postfix(stage=stage, loss=f"{loss:.3f}")
         bar.update()
     model.eval()
@@ -235,7 +245,7 @@ def _pretrain_batches(spec: PairSpec):
 
     def batch(step: int):
         ids = _windows(data, spec.pretrain_batch, spec.pretrain_seq_len, gen)
-        return [(ids, ids)]
+        return ids, ids
     return batch
 
 
@@ -243,7 +253,6 @@ def _finetune_batches(spec: PairSpec):
     """Batches of full problems; loss only on answer + EOS, as in supervised fine-tuning."""
     pairs = spec.task.train_pairs()
     gen = torch.Generator().manual_seed(spec.seed + 1)
-    data = stdlib_text(PRETRAIN_FILES)
 
     def batch(step: int):
         idx = torch.randint(0, len(pairs), (spec.finetune_batch,), generator=gen).tolist()
@@ -252,27 +261,28 @@ def _finetune_batches(spec: PairSpec):
         labels = ids.clone()
         for row, (_, n_prompt) in enumerate(examples):
             labels[row, :n_prompt] = -100
-        if not spec.replay_batch:
-            return [(ids, labels)]
-        replay = _windows(data, spec.replay_batch, spec.replay_seq_len, gen)
-        return [(ids, labels), (replay, replay)]
+        return ids, labels
     return batch
 
 
 @torch.no_grad()
-def _relative_delta(base: torch.nn.Module, ft: torch.nn.Module) -> float:
-    """||W_ft - W_base||_F / ||W_base||_F over all parameters together."""
-    b, f = dict(base.named_parameters()), dict(ft.named_parameters())
-    num = sum((f[k] - b[k]).pow(2).sum() for k in b)
-    den = sum(v.pow(2).sum() for v in b.values())
-    return float((num / den).sqrt())
+def relative_deltas(base: torch.nn.Module, ft: torch.nn.Module) -> dict[str, float]:
+    """||W_ft - W_base||_F / ||W_base||_F over all parameters ("all") and per kind of
+    weight summed over layers ("q_proj", "lm_head", ...): how big the fine-tune is."""
+    sums = defaultdict(lambda: [0.0, 0.0])
+    for (name, b), f in zip(base.named_parameters(), ft.parameters()):
+        kind = name.split(".")[-2] if ".layers." in name else name.removesuffix(".weight")
+        for key in ("all", kind):
+            sums[key][0] += (f - b).pow(2).sum().item()
+            sums[key][1] += b.pow(2).sum().item()
+    return {k: math.sqrt(d / n) for k, (d, n) in sums.items()}
 
 
 def train_pair(spec: PairSpec) -> tuple[LlamaForCausalLM, LlamaForCausalLM, dict]:
     """Pre-train the base, fully fine-tune a copy; return both models and build facts."""
     torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     base = LlamaForCausalLM(spec.config()).float()
     with tqdm(total=spec.pretrain_steps + spec.finetune_steps, desc=f"build {spec.name}") as bar:
         pre_loss = _train(base, _pretrain_batches(spec), spec.pretrain_steps, spec.pretrain_lr, 0.1, bar, "pretrain")
@@ -280,9 +290,10 @@ def train_pair(spec: PairSpec) -> tuple[LlamaForCausalLM, LlamaForCausalLM, dict
         ft = LlamaForCausalLM(spec.config()).float()
         ft.load_state_dict(base.state_dict())
         ft_loss = _train(ft, _finetune_batches(spec), spec.finetune_steps, spec.finetune_lr, 0.0, bar, "finetune")
-    train_s = time.perf_counter() - start
+    train_s, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     task = spec.task
     python = task.text_batches("python")
+    deltas = relative_deltas(base, ft)
     info = {
         "spec": asdict(spec),
         "torch": torch.__version__,
@@ -294,9 +305,12 @@ def train_pair(spec: PairSpec) -> tuple[LlamaForCausalLM, LlamaForCausalLM, dict
         },
         "train_seconds": round(train_s, 1),
         "pretrain_seconds": round(pretrain_s, 1),
+        "train_cpu_seconds": round(cpu_s, 1),
+        "threads": torch.get_num_threads(),
         "final_loss": {"pretrain": pre_loss, "finetune": ft_loss},
         "params": sum(p.numel() for p in base.parameters()),
-        "relative_delta_norm": _relative_delta(base, ft),
+        "relative_delta_norm": deltas.pop("all"),
+        "relative_delta_by_kind": deltas,
         "accuracy_200_heldout": {"base": task.accuracy(base), "finetuned": task.accuracy(ft)},
         "python_perplexity": {"base": perplexity(base, python), "finetuned": perplexity(ft, python)},
         "kl_base_vs_finetuned": {
@@ -328,6 +342,7 @@ def build_pair(name: str, out_dir: Path) -> dict:
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    tmp.chmod(0o755)
     try:
         for role, model in (("base", base), ("finetuned", ft)):
             model.save_pretrained(tmp / role)

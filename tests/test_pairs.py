@@ -1,6 +1,7 @@
 """The shipped base/fine-tuned pair is real: it loads, the fine-tune learned its task,
 and the metrics behave (KL is zero against itself, positive across the pair)."""
 
+import dataclasses
 import json
 import math
 
@@ -79,3 +80,21 @@ def test_kl_and_perplexity(pair):
         for batches in (task, python):
             assert math.isfinite(perplexity(model, batches))
     assert perplexity(ft, task) < perplexity(base, task)
+
+
+def test_get_pair_builds_into_cache_then_reuses_it(tmp_path, monkeypatch):
+    tiny = dataclasses.replace(
+        PAIRS[NAME], name="tiny", pretrain_steps=2, pretrain_seq_len=32, finetune_steps=2,
+        model=dict(PAIRS[NAME].model, num_hidden_layers=1),
+    )
+    monkeypatch.setitem(PAIRS, "tiny", tiny)
+    monkeypatch.setenv("DELTACOME_CACHE", str(tmp_path))
+    base_dir, ft_dir = get_pair("tiny")
+    assert base_dir == tmp_path / "pairs" / "tiny" / "base"
+    meta = json.loads((ft_dir / "pair.json").read_text())
+    assert meta["role"] == "finetuned" and meta["spec"]["finetune_steps"] == 2
+    stamp = (ft_dir / "model.safetensors").stat().st_mtime_ns
+    assert get_pair("tiny") == (base_dir, ft_dir)
+    assert (ft_dir / "model.safetensors").stat().st_mtime_ns == stamp
+    get_pair("tiny", rebuild=True)
+    assert sorted(p.name for p in (tmp_path / "pairs").iterdir()) == ["tiny"]
