@@ -15,9 +15,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 from torchao import quantize_
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from deltacome_ao import DeltaCoMeConfig, MixedPrecisionDeltaTensor
+from tiny_models import ids, logits_error, structured_finetune, tiny
 from deltacome_ao.allocate import (
     OPTIMAL_CANDIDATES,
     PAPER_SCHEDULE,
@@ -33,7 +33,6 @@ from deltacome_ao.allocate import (
 from deltacome_ao.quantize import dequantize_rows, quantize_rows
 
 GROUP = 32
-VOCAB = 128
 
 
 @pytest.fixture(autouse=True)
@@ -181,51 +180,15 @@ def test_optimal_reorders_the_singular_triples_consistently():
     assert torch.allclose(torch.nn.functional.linear(x, t), x @ t.dequantize().T, atol=1e-4)
 
 
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
-    )).eval()
-    with torch.no_grad():  # anisotropic hidden states, as in trained models
-        model.model.embed_tokens.weight *= torch.logspace(-1, 0.5, 64)[torch.randperm(64)]
-    return model
-
-
-def structured_finetune(base, seed=10, rank=4, scale=0.05):
-    """base + a rank-`rank` delta with decaying spectrum on every projection."""
-    ft = copy.deepcopy(base)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in ft.named_parameters():
-            if p.ndim == 2 and name.endswith("proj.weight"):
-                o, i = p.shape
-                u = torch.linalg.qr(torch.randn(o, rank, generator=g))[0]
-                v = torch.linalg.qr(torch.randn(i, rank, generator=g))[0]
-                s = 1 / (torch.arange(rank) + 1.0) ** 0.5
-                p += scale * p.norm() / s.norm() * (u * s) @ v.T
-    return ft
-
-
-def ids(seed, batch, length=32):
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def logits_error(model, ft, x) -> float:
-    with torch.no_grad():
-        ref = ft(x).logits
-        return ((model(x).logits - ref).norm() / ref.norm()).item()
-
-
 def test_optimal_allocation_end_to_end(tmp_path):
-    base = tiny_llama()
+    base = tiny(anisotropic=True)
     ft = structured_finetune(base)
-    test = ids(99, 8)
+    test = ids(99, 8, length=32)
     errors = {}
     for label, kwargs in {
         "paper": {},
         "optimal": {"allocation": "optimal"},
-        "optimal+gptq": {"allocation": "optimal", "calibration": list(ids(5, 8))},
+        "optimal+gptq": {"allocation": "optimal", "calibration": list(ids(5, 8, length=32))},
     }.items():
         model = copy.deepcopy(ft)
         quantize_(model, DeltaCoMeConfig(base=base, alpha=1 / 16, group_size=GROUP, progress=False, **kwargs))

@@ -14,14 +14,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torchao import quantize_
-from transformers import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
 
 from deltacome_ao import (
     BitDeltaTensor,
@@ -34,18 +26,9 @@ from deltacome_ao.allocate import budget_bits
 from deltacome_ao.config import BaseWeights
 from deltacome_ao.mixed_precision_delta_tensor import BudgetTooSmallError
 from deltacome_ao.recipes import Recipe
+from tiny_models import ARCHS, HIDDEN, LAYER_NAMES, LAYERS, VOCAB, finetune, ids, tiny
 
-ARCHS = {
-    "llama": (LlamaConfig, LlamaForCausalLM),
-    "mistral": (MistralConfig, MistralForCausalLM),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-}
-LAYERS = 2
-VOCAB = 128
-HIDDEN = 64
-PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-EXPECTED = sorted(f"model.layers.{i}.{p}" for i in range(LAYERS) for p in PROJ)
+EXPECTED = LAYER_NAMES
 ALPHA = 1 / 16
 GROUP = 32
 COMPRESSED = (MixedPrecisionDeltaTensor, BitDeltaTensor)
@@ -59,39 +42,11 @@ def _threads():
     torch.set_num_threads(2)
 
 
-def tiny(arch: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
-    config_cls, model_cls = ARCHS[arch]
-    kwargs = dict(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
-    )
-    kwargs.update(overrides)
-    torch.manual_seed(seed)
-    return model_cls(config_cls(**kwargs)).eval()
-
-
-def finetune(base: torch.nn.Module, seed: int = 1, rank: int = 2, scale: float = 0.01, noise: float = 1e-4):
-    """Deepcopy of `base` with a rank-`rank` delta plus noise on every 2-D weight (embeddings and
-    lm_head included) and a small change of every 1-D parameter (norms, biases)."""
-    ft = copy.deepcopy(base)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in ft.parameters():
-            if p.ndim == 2:
-                o, i = p.shape
-                low = torch.randn(o, rank, generator=g) @ torch.randn(rank, i, generator=g) / rank**0.5
-                p += scale * low + noise * torch.randn(o, i, generator=g)
-            else:
-                p += scale * torch.randn(p.shape, generator=g)
-    return ft
-
-
 def cfg(base, **kwargs) -> DeltaCoMeConfig:
     return DeltaCoMeConfig(base=base, **{"alpha": ALPHA, "group_size": GROUP, "progress": False, **kwargs})
 
 
-def ids(seed: int = 2, batch: int = 2, length: int = 12) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
 
 
 @torch.no_grad()

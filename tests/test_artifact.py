@@ -19,49 +19,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torchao import quantize_
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import deltacome_ao.artifact as artifact
 from deltacome_ao import BitDeltaTensor, DeltaCoMeConfig, DeltaCoMeModel, MixedPrecisionDeltaTensor
 from deltacome_ao import delta_size, load_delta, save_delta
 from deltacome_ao.artifact import BaseMismatchError, DeltaFormatError
+from tiny_models import LAYER_NAMES, PROJ, finetune, ids, tiny
 
-VOCAB, HIDDEN, LAYERS = 128, 64, 2
-PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-LAYER_NAMES = sorted(f"model.layers.{i}.{p}" for i in range(LAYERS) for p in PROJ)
 COMPRESSED = (MixedPrecisionDeltaTensor, BitDeltaTensor)
 
 
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)
-
-
-def tiny(seed: int = 0, **overrides) -> LlamaForCausalLM:
-    kwargs = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
-    kwargs.update(overrides)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
-
-
-def finetune(base, seed: int = 1, rank: int = 2, scale: float = 0.01, noise: float = 1e-4):
-    ft = copy.deepcopy(base)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in ft.parameters():
-            if p.ndim == 2:
-                o, i = p.shape
-                p += scale * (torch.randn(o, rank, generator=g) @ torch.randn(rank, i, generator=g)) / rank**0.5
-                p += noise * torch.randn(o, i, generator=g)
-            else:
-                p += scale * torch.randn(p.shape, generator=g)
-    return ft
-
-
-def ids(seed: int = 2) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()

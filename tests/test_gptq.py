@@ -16,9 +16,9 @@ import copy
 import pytest
 import torch
 from torchao import quantize_
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from deltacome_ao import DeltaCoMeConfig, MixedPrecisionDeltaTensor
+from tiny_models import VOCAB, ids, logits_error, structured_finetune, tiny
 from deltacome_ao.allocate import bands_cost_bits
 from deltacome_ao.calibrate import _capture, _differs_per_layer, _layer_output, find_decoder_layers
 from deltacome_ao.gptq import gptq_input_groups, gptq_output_groups
@@ -135,50 +135,11 @@ def test_from_hp_with_hessian_lowers_output_error_at_the_same_size():
 
 # --- layer-sequential calibration on tiny Hugging Face models -------------------------------------
 
-VOCAB = 128
-
-
-def tiny_llama(seed=0, cls=LlamaForCausalLM, config_cls=LlamaConfig, **overrides):
-    kwargs = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
-    )
-    kwargs.update(overrides)
-    torch.manual_seed(seed)
-    model = cls(config_cls(**kwargs)).eval()
-    with torch.no_grad():  # anisotropic hidden states, as in trained models
-        model.model.embed_tokens.weight *= torch.logspace(-1, 0.5, 64)[torch.randperm(64)]
-    return model
-
-
-def structured_finetune(base, seed=10, rank=4, scale=0.05):
-    """base + a rank-`rank` delta with decaying spectrum on every projection."""
-    ft = copy.deepcopy(base)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in ft.named_parameters():
-            if p.ndim == 2 and name.endswith("proj.weight"):
-                o, i = p.shape
-                u = torch.linalg.qr(torch.randn(o, rank, generator=g))[0]
-                v = torch.linalg.qr(torch.randn(i, rank, generator=g))[0]
-                s = 1 / (torch.arange(rank) + 1.0) ** 0.5
-                p += scale * p.norm() / s.norm() * (u * s) @ v.T
-    return ft
-
-
-def ids(seed, batch, length=32):
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def logits_error(model, ft, x) -> float:
-    with torch.no_grad():
-        ref = ft(x).logits
-        return ((model(x).logits - ref).norm() / ref.norm()).item()
 
 
 @pytest.fixture(scope="module")
 def pair():
-    base = tiny_llama()
+    base = tiny(anisotropic=True)
     return base, structured_finetune(base)
 
 
@@ -188,10 +149,10 @@ def cfg(base, **kwargs):
 
 def test_calibrated_gptq_beats_rtn_on_logits(pair):
     base, ft = pair
-    test = ids(99, 8)
+    test = ids(99, 8, length=32)
     rtn_model, gptq_model = copy.deepcopy(ft), copy.deepcopy(ft)
     quantize_(rtn_model, cfg(base))
-    quantize_(gptq_model, cfg(base, calibration=list(ids(5, 16))))
+    quantize_(gptq_model, cfg(base, calibration=list(ids(5, 16, length=32))))
     e_rtn, e_gptq = logits_error(rtn_model, ft, test), logits_error(gptq_model, ft, test)
     assert e_gptq < 0.9 * e_rtn  # measured 0.0208 vs 0.0267
     for name, module in gptq_model.named_modules():
@@ -205,9 +166,9 @@ def test_calibration_with_paper_schedule_alpha_and_generator_input(pair):
     base, ft = pair
     model = copy.deepcopy(ft)
     config = DeltaCoMeConfig(base=base, alpha=1 / 16, group_size=GROUP, progress=False,
-                             calibration=(x for x in ids(5, 4)), act_order=False)
+                             calibration=(x for x in ids(5, 4, length=32)), act_order=False)
     quantize_(model, config)
-    assert logits_error(model, ft, ids(99, 2)) < 0.05
+    assert logits_error(model, ft, ids(99, 2, length=32)) < 0.05
     assert isinstance(config.calibration, list) and len(config.calibration) == 4
 
 
@@ -224,7 +185,7 @@ def test_failed_calibration_leaves_model_untouched(pair, case):
     base, ft = pair
     model = copy.deepcopy(ft)
     snap = _state(model)
-    calibration = list(ids(5, 2))
+    calibration = list(ids(5, 2, length=32))
     base_arg = base
     if case == "bad_ids":
         calibration = [torch.full((1, 8), VOCAB + 5)]
@@ -244,8 +205,8 @@ def test_capture_and_replay_match_the_model_forward():
     """Recorded layer inputs + functional_call reproduce the model's own hidden states, also for a
     model whose layers get different masks (Qwen2 with sliding-window layers)."""
     models = [
-        tiny_llama(),
-        tiny_llama(cls=Qwen2ForCausalLM, config_cls=Qwen2Config, num_hidden_layers=3, use_sliding_window=True,
+        tiny(anisotropic=True),
+        tiny("qwen2", anisotropic=True, num_hidden_layers=3, use_sliding_window=True,
                    sliding_window=4, max_window_layers=1),
     ]
     x = ids(3, 2, length=16)
@@ -265,9 +226,9 @@ def test_capture_and_replay_match_the_model_forward():
 def test_calibration_config_validation(pair):
     base, _ = pair
     with pytest.raises(ValueError, match="bitdelta"):
-        DeltaCoMeConfig(base=base, method="bitdelta", calibration=[ids(0, 1)])
+        DeltaCoMeConfig(base=base, method="bitdelta", calibration=[ids(0, 1, length=32)])
     with pytest.raises(ValueError, match="damp"):
         DeltaCoMeConfig(base=base, damp=-1.0)
     linear = torch.nn.Linear(64, 64)
     with pytest.raises(ValueError, match="decoder layers"):
-        quantize_(copy.deepcopy(linear), DeltaCoMeConfig(base=linear.state_dict(), calibration=[ids(0, 1)], progress=False))
+        quantize_(copy.deepcopy(linear), DeltaCoMeConfig(base=linear.state_dict(), calibration=[ids(0, 1, length=32)], progress=False))

@@ -16,16 +16,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torchao import quantize_
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from deltacome_ao import BitDeltaTensor, DeltaCoMeConfig, MixedPrecisionDeltaTensor
 from deltacome_ao.artifact import DeltaFormatError
 from deltacome_ao.hf import DeltaCoMeHfConfig, enable_save_pretrained, save_pretrained
+from tiny_models import LAYER_NAMES, finetune, ids, tiny
 
-VOCAB, HIDDEN, LAYERS = 128, 64, 2
-PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-LAYER_NAMES = sorted(f"model.layers.{i}.{p}" for i in range(LAYERS) for p in PROJ)
 COMPRESSED = (MixedPrecisionDeltaTensor, BitDeltaTensor)
 
 
@@ -34,38 +31,12 @@ def _threads():
     torch.set_num_threads(2)
 
 
-def tiny(seed: int = 0, **overrides) -> LlamaForCausalLM:
-    kwargs = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
-    kwargs.update(overrides)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
-
-
-def finetune(base, seed: int = 1, rank: int = 2, scale: float = 0.01, noise: float = 1e-4):
-    ft = copy.deepcopy(base)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in ft.parameters():
-            if p.ndim == 2:
-                o, i = p.shape
-                p += scale * (torch.randn(o, rank, generator=g) @ torch.randn(rank, i, generator=g)) / rank**0.5
-                p += noise * torch.randn(o, i, generator=g)
-            else:
-                p += scale * torch.randn(p.shape, generator=g)
-    return ft
-
-
 def compressed(method: str = "deltacome", **overrides):
     base = tiny(**overrides)
     ft = finetune(base)
     config = DeltaCoMeConfig(base=base, group_size=32, method=method, progress=False)
     quantize_(ft, config)
     return ft, config
-
-
-def ids(seed: int = 2, batch: int = 2, length: int = 12) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()
