@@ -5,13 +5,12 @@ from .allocate import Band
 from .bitdelta_tensor import BitDeltaTensor
 from .config import DeltaCoMeConfig, delta_report, deltacome_config
 from .mixed_precision_delta_tensor import MixedPrecisionDeltaTensor
+from .artifact import DeltaCoMeModel, delta_size, load_delta, save_delta
+from . import hf  # noqa: F401  (registers quant_method "deltacome" with transformers)
+from .serving import MultiDeltaModel
 
 __version__ = "0.1.0"
-__all__ = ["DeltaCoMeConfig", "MixedPrecisionDeltaTensor", "BitDeltaTensor", "deltacome_config", "delta_report", "Band"]
-
-# Delta artifacts (save_delta / load_delta) and the transformers integration; importing `hf`
-# registers quant_method "deltacome" so AutoModel*.from_pretrained loads compressed checkpoints.
-from .artifact import DeltaCoMeModel, delta_size, load_delta, save_delta  # noqa: E402
-from . import hf  # noqa: E402,F401
-
-__all__ += ["DeltaCoMeModel", "save_delta", "load_delta", "delta_size"]
+__all__ = [
+    "DeltaCoMeConfig", "MixedPrecisionDeltaTensor", "BitDeltaTensor", "deltacome_config", "delta_report", "Band",
+    "DeltaCoMeModel", "save_delta", "load_delta", "delta_size", "MultiDeltaModel",
+]

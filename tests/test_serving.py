@@ -1,0 +1,318 @@
+"""Multi-tenant serving (`deltacome_ao.serving`): one tiny Llama base, several compressed deltas
+loaded from artifacts, rows of one batch routed to different deltas.
+
+Covers: per-row logits of a mixed batch (deltas A, B, C, D + base rows) equal to each compressed
+model run alone; greedy generation of the mixed batch equal to each model's own; a delta with its
+own embedding table and lm_head (served per row); the layer on its own (cached and on-the-fly
+factors); loading / unloading other deltas in threads while forwards run; unloading a delta in use;
+unknown names / ids; deltas that cannot be served per row (changed norms, BitDelta) refused with
+nothing changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+from torchao import quantize_
+
+from deltacome_ao import DeltaCoMeConfig, MixedPrecisionDeltaTensor, save_delta
+from deltacome_ao.serving import (
+    DeltaInUseError,
+    MultiDeltaEmbedding,
+    MultiDeltaLinear,
+    MultiDeltaModel,
+    UnknownDeltaError,
+    UnsupportedDeltaError,
+    routing,
+)
+from tiny_models import VOCAB, finetune, ids, structured_finetune, tiny
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+
+
+def _compress(ft, base, config=None):
+    quantize_(ft, config or DeltaCoMeConfig(base=base, group_size=32, progress=False))
+    return ft
+
+
+def _with_head_and_embedding(base, seed):
+    """Projections fine-tuned, plus a changed lm_head and embedding table (norms unchanged)."""
+    ft = structured_finetune(base, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        ft.lm_head.weight += 0.05 * torch.randn(ft.lm_head.weight.shape, generator=g)
+        ft.model.embed_tokens.weight += 0.05 * torch.randn(ft.model.embed_tokens.weight.shape, generator=g)
+    return ft
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    torch.set_num_threads(2)
+    root = tmp_path_factory.mktemp("serving")
+    base = tiny("llama", seed=0)
+    fts = {
+        "a": structured_finetune(base, seed=10),
+        "b": structured_finetune(base, seed=11, rank=3),
+        "c": structured_finetune(base, seed=12, scale=0.08),
+        "d": _with_head_and_embedding(base, seed=13),
+    }
+    models, dirs = {}, {}
+    for name, ft in fts.items():
+        models[name] = _compress(ft, base).eval()
+        dirs[name] = save_delta(models[name], root / name, base=base)
+    return base, models, dirs, root
+
+
+def _served(setup, names=("a", "b", "c", "d"), **kw):
+    base, _, dirs, _ = setup
+    served = MultiDeltaModel(copy.deepcopy(base), **kw)
+    for n in names:
+        served.load_delta(n, dirs[n])
+    return served
+
+
+ROWS = ["a", "b", None, "c", "d", "a"]
+
+
+def test_kept_tensors_of_projection_deltas_equal_base(setup):
+    _, _, dirs, _ = setup
+    import json
+
+    for n in "abc":
+        assert json.loads((dirs[n] / "delta_config.json").read_text())["kept"] == []
+    assert sorted(json.loads((dirs["d"] / "delta_config.json").read_text())["kept"]) == [
+        "lm_head.weight", "model.embed_tokens.weight"]
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_mixed_batch_logits_match_each_model(setup, cache):
+    base, models, _, _ = setup
+    served = _served(setup, cache_dequantized=cache)
+    x = ids(seed=3, batch=len(ROWS), length=10)
+    with torch.no_grad():
+        out = served(x, delta_ids=ROWS).logits
+        for i, n in enumerate(ROWS):
+            ref = (models[n] if n else base)(x[i:i + 1]).logits[0]
+            torch.testing.assert_close(out[i], ref, **TOL)
+        # the deltas really differ from each other and from the base
+        assert not torch.allclose(out[0], base(x[:1]).logits[0], atol=1e-3)
+        assert not torch.allclose(models["a"](x[1:2]).logits[0], out[1], atol=1e-3)
+    # ids instead of names, as a tensor; same result
+    ids_ = torch.tensor([served.deltas()[n] if n else -1 for n in ROWS])
+    with torch.no_grad():
+        torch.testing.assert_close(served(x, delta_ids=ids_).logits, out, rtol=0, atol=0)
+    # all-base routing and no routing give the base model
+    with torch.no_grad():
+        torch.testing.assert_close(served(x).logits, base(x).logits, **TOL)
+        torch.testing.assert_close(served(x, delta_ids=[None] * len(ROWS)).logits, base(x).logits, **TOL)
+
+
+def test_mixed_batch_greedy_generate_matches_each_model(setup):
+    base, models, _, _ = setup
+    served = _served(setup)
+    x = ids(seed=4, batch=len(ROWS), length=6)
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        out = served.generate(x, delta_ids=ROWS, attention_mask=torch.ones_like(x), **kw)
+        assert out.shape == (len(ROWS), 14)
+        for i, n in enumerate(ROWS):
+            ref = (models[n] if n else base).generate(x[i:i + 1], attention_mask=torch.ones_like(x[i:i + 1]), **kw)
+            assert torch.equal(out[i], ref[0]), (i, n, out[i].tolist(), ref[0].tolist())
+    # generations differ between deltas on the same prompt
+    same = x[:1].expand(5, -1)
+    with torch.no_grad():
+        g = served.generate(same, delta_ids=["a", "b", "c", "d", None], attention_mask=torch.ones_like(same), **kw)
+    assert len({tuple(r.tolist()) for r in g}) > 1
+
+
+def test_layer_alone(setup):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 40, bias=True)
+    fts = [lin.weight.detach() + 0.05 * torch.randn(40, 3) @ torch.randn(3, 48) for _ in range(2)]
+    tensors = [MixedPrecisionDeltaTensor.from_hp(w, lin.weight.detach(), alpha=0.25, group_size=16) for w in fts]
+    for cache in (True, False):
+        layer = MultiDeltaLinear(lin, cache_dequantized=cache)
+        i0, i1 = layer.add("p", tensors[0]), layer.add("q", tensors[1])
+        x = torch.randn(5, 3, 48)
+        rows = torch.tensor([i1, -1, i0, i1, i0])
+        with torch.no_grad():
+            y = layer(x, rows)
+            for r, d in enumerate(rows.tolist()):
+                w = lin.weight if d == -1 else tensors[[i0, i1].index(d)]
+                torch.testing.assert_close(y[r], torch.nn.functional.linear(x[r], w, lin.bias), **TOL)
+            with routing(rows):  # the same through the context
+                torch.testing.assert_close(layer(x), y, rtol=0, atol=0)
+        size = layer.delta_nbytes("p")
+        assert size == (tensors[0].delta_nbytes() + (4 * tensors[0].rank * (48 + 40) if cache else 0))
+        layer.remove("p")
+        with pytest.raises(UnknownDeltaError, match="not loaded"):
+            layer(x, rows)
+        with pytest.raises(UnknownDeltaError):
+            layer.remove("p")
+    with pytest.raises(ValueError, match="rows"):
+        layer(x, torch.tensor([-1, -1]))
+    with pytest.raises(Exception, match="another base"):
+        MultiDeltaLinear(torch.nn.Linear(48, 40)).add("p", tensors[0])
+
+
+def test_modules_replaced_and_state_dict_names_unchanged(setup):
+    base = setup[0]
+    served = _served(setup, names=("a", "d"))
+    mods = served.multi_modules()
+    assert isinstance(mods["lm_head"], MultiDeltaLinear)
+    assert isinstance(mods["model.embed_tokens"], MultiDeltaEmbedding)
+    assert sum(isinstance(m, MultiDeltaLinear) for m in mods.values()) == 14 + 1
+    assert list(served.model.state_dict()) == list(base.state_dict())
+    # every multi module knows every loaded delta (those the delta leaves alone as 'base')
+    for m in mods.values():
+        assert set(m.delta_ids()) == {"a", "d"}
+    # a dense lm_head copy is counted in the delta's bytes
+    assert served.delta_nbytes("d") > served.delta_nbytes("a") + base.lm_head.weight.numel() * 4
+
+
+def test_unknown_delta_errors(setup):
+    served = _served(setup, names=("a",))
+    x = ids(batch=2, length=4)
+    with pytest.raises(UnknownDeltaError, match="nope"):
+        served(x, delta_ids=["a", "nope"])
+    with pytest.raises(UnknownDeltaError, match="99"):
+        served(x, delta_ids=torch.tensor([99, -1]))
+    with pytest.raises(UnknownDeltaError):
+        served(x, delta_ids=torch.tensor([-2, -1]))
+    with pytest.raises(UnknownDeltaError):
+        served.unload_delta("nope")
+    with pytest.raises(ValueError, match="already loaded"):
+        served.load_delta("a", setup[2]["a"])
+    with pytest.raises(ValueError, match="rows"):
+        served(x, delta_ids=["a"])
+
+
+def test_unload_in_use_is_refused(setup):
+    base, models, dirs, _ = setup
+    served = _served(setup, names=("a", "b"))
+    x = ids(batch=2, length=5)
+    with served.route(["a", None]):
+        with pytest.raises(DeltaInUseError, match="'a'"):
+            served.unload_delta("a")
+    # a forward running in another thread pins its deltas until it ends
+    entered, release = threading.Event(), threading.Event()
+
+    def hook(module, args):
+        entered.set()
+        assert release.wait(30)
+
+    handle = served.model.model.layers[1].register_forward_pre_hook(hook)
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("y", served(x, delta_ids=["b", "a"]).logits.detach()))
+    t.start()
+    assert entered.wait(30)
+    with pytest.raises(DeltaInUseError):
+        served.unload_delta("b")
+    release.set()
+    t.join(30)
+    handle.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(result["y"][0], models["b"](x[:1]).logits[0], **TOL)
+    served.unload_delta("b")
+    served.unload_delta("a")
+    assert served.deltas() == {}
+    for m in served.multi_modules().values():
+        assert m.delta_ids() == {}
+    with torch.no_grad():
+        torch.testing.assert_close(served(x).logits, base(x).logits, **TOL)
+    # a name can be loaded again; it gets a fresh id (old ids never come back)
+    new = served.load_delta("a", dirs["a"])
+    assert new >= 2
+
+
+def test_concurrent_load_unload_while_serving(setup):
+    base, models, dirs, _ = setup
+    served = _served(setup, names=("a", "b"))
+    x = ids(seed=5, batch=4, length=5)
+    rows = ["a", "b", None, "a"]
+    with torch.no_grad():
+        expected = torch.stack([(models[n] if n else base)(x[i:i + 1]).logits[0] for i, n in enumerate(rows)])
+    stop, errors = threading.Event(), []
+
+    def churn(k):
+        i = 0
+        try:
+            while not stop.is_set() and i < 6:
+                name = f"churn{k}-{i}"
+                served.load_delta(name, dirs["c" if k == 0 else "d"], verify="sample")
+                with torch.no_grad():  # the churned delta serves correctly while loaded
+                    y = served(x[:1], delta_ids=[name]).logits[0]
+                torch.testing.assert_close(y, models["c" if k == 0 else "d"](x[:1]).logits[0], **TOL)
+                served.unload_delta(name)
+                i += 1
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=churn, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(8):
+            with torch.no_grad():
+                out = served(x, delta_ids=rows).logits
+            torch.testing.assert_close(out, expected, **TOL)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert not errors, errors
+    assert set(served.deltas()) == {"a", "b"}
+
+
+def test_unservable_deltas_refused_nothing_changed(setup, tmp_path):
+    base = setup[0]
+    served = _served(setup, names=("a",))
+    before = {n: dict(m.delta_ids()) for n, m in served.multi_modules().items()}
+    # norms changed: cannot be swapped per row
+    ft = _compress(finetune(base, seed=20), base)
+    save_delta(ft, tmp_path / "norms", base=base)
+    with pytest.raises(UnsupportedDeltaError, match="norm"):
+        served.load_delta("norms", tmp_path / "norms")
+    # BitDelta layers are not MixedPrecisionDeltaTensor
+    bd = _compress(structured_finetune(base, seed=21), base,
+                   DeltaCoMeConfig(base=base, method="bitdelta", group_size=32, progress=False))
+    save_delta(bd, tmp_path / "bitdelta", base=base)
+    with pytest.raises(UnsupportedDeltaError, match="BitDeltaTensor"):
+        served.load_delta("bd", tmp_path / "bitdelta")
+    # another base: the artifact's own fingerprint check
+    with pytest.raises(Exception, match="another base"):
+        MultiDeltaModel(tiny("llama", seed=1)).load_delta("a", setup[2]["a"])
+    assert served.deltas() == {"a": 0}
+    assert {n: dict(m.delta_ids()) for n, m in served.multi_modules().items()} == before
+
+
+def test_embedding_rows_use_own_table(setup):
+    base, models, _, _ = setup
+    served = _served(setup, names=("d",))
+    tokens = torch.randint(0, VOCAB, (3, 4))
+    emb = served.model.model.embed_tokens
+    with torch.no_grad():
+        y = emb(tokens, torch.tensor([served.deltas()["d"], -1, served.deltas()["d"]]))
+        torch.testing.assert_close(y[0], models["d"].model.embed_tokens(tokens[:1])[0], rtol=0, atol=0)
+        torch.testing.assert_close(y[1], base.model.embed_tokens(tokens[1:2])[0], rtol=0, atol=0)
+
+
+def test_beam_search_rows_keep_their_delta(setup):
+    base, models, _, _ = setup
+    served = _served(setup, names=("a", "d"))
+    x = ids(seed=6, batch=3, length=5)
+    rows = ["d", None, "a"]
+    kw = dict(max_new_tokens=4, do_sample=False, num_beams=2, pad_token_id=0)
+    with torch.no_grad():
+        out = served.generate(x, delta_ids=rows, attention_mask=torch.ones_like(x), **kw)
+        for i, n in enumerate(rows):
+            ref = (models[n] if n else base).generate(x[i:i + 1], attention_mask=torch.ones_like(x[i:i + 1]), **kw)
+            assert torch.equal(out[i], ref[0]), (i, n)
