@@ -29,7 +29,7 @@ from .allocate import (
 )
 from .decompose import delta_svd, weight_delta
 from .gptq import gptq_input_groups, gptq_output_groups
-from .ops import dequantize_factor, delta_linear
+from .ops import dequantize_factor, delta_linear, delta_only_linear
 from .packing import pack_rows
 from .quantize import dequantize_rows, quantize_rows
 
@@ -217,8 +217,25 @@ class MixedPrecisionDeltaTensor(TorchAOBaseTensor):
 
     def dequantize(self, output_dtype: torch.dtype | None = None) -> torch.Tensor:
         u, s, v = self.delta_factors()
-        w = self.base_weight.float() + (u * s) @ v
+        w = _dense(self.base_weight).float() + (u * s) @ v
         return w.to(output_dtype or self.dtype)
+
+    def with_base(self, base_weight: torch.Tensor) -> "MixedPrecisionDeltaTensor":
+        """The same delta over another base weight of the same shape and dtype — e.g. a torchao
+        quantized copy of the base (`Int8Tensor`): `F.linear` then runs the base term through that
+        tensor's own linear and only the delta through `deltacome::delta_only_linear`."""
+        if tuple(base_weight.shape) != tuple(self.shape) or base_weight.dtype != self.dtype:
+            raise ValueError(
+                f"base weight {tuple(base_weight.shape)} {base_weight.dtype} does not match the delta's "
+                f"{tuple(self.shape)} {self.dtype}"
+            )
+        inner = [getattr(self, n) for n in self.tensor_data_names[1:]]
+        return MixedPrecisionDeltaTensor(base_weight, *inner, self.bits, self.counts, self.group_size)
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor for a base weight that may be a quantized tensor subclass."""
+    return t if type(t) in (torch.Tensor, torch.nn.Parameter) else t.dequantize()
 
 
 def _budget_error(name, alpha, out_features, in_features, widths, group_size) -> BudgetTooSmallError:
@@ -296,6 +313,13 @@ implements_torch_function = MixedPrecisionDeltaTensor.implements_torch_function
 def _(func, types, args, kwargs):
     x, w = args[0], args[1]
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    if type(w.base_weight) not in (torch.Tensor, torch.nn.Parameter):  # a quantized base (`with_base`)
+        out_features, in_features = w.shape
+        y = torch.nn.functional.linear(x, w.base_weight) + delta_only_linear(
+            x, w.v_packed, w.v_scale, w.v_zero, w.u_packed, w.u_scale, w.u_zero, w.s,
+            list(w.bits), list(w.counts), out_features, in_features, w.group_size,
+        )
+        return y if bias is None else y + bias
     y = delta_linear(
         x, w.base_weight, w.v_packed, w.v_scale, w.v_zero, w.u_packed, w.u_scale, w.u_zero, w.s,
         list(w.bits), list(w.counts), w.group_size,

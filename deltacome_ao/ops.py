@@ -14,7 +14,7 @@ from .allocate import FP16_BITS
 from .packing import band_offsets, unpack_rows
 from .quantize import dequantize_codes
 
-__all__ = ["dequantize_factor", "delta_linear"]
+__all__ = ["dequantize_factor", "delta_linear", "delta_only_linear"]
 
 
 def dequantize_factor(packed, scale, zero, bits, counts, length: int, group_size: int) -> torch.Tensor:
@@ -83,3 +83,32 @@ def _backward(ctx, grad):
 
 
 delta_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("deltacome::delta_only_linear", mutates_args=())
+def delta_only_linear(
+    x: torch.Tensor,
+    v_packed: torch.Tensor,
+    v_scale: torch.Tensor,
+    v_zero: torch.Tensor,
+    u_packed: torch.Tensor,
+    u_scale: torch.Tensor,
+    u_zero: torch.Tensor,
+    s: torch.Tensor,
+    bits: list[int],
+    counts: list[int],
+    out_features: int,
+    in_features: int,
+    group_size: int,
+) -> torch.Tensor:
+    """The delta term alone, `((x @ V̂.T) * s) @ Û.T`, fp32 inside, `x.dtype` out: used when the base
+    weight is itself a quantized tensor subclass (which a custom op cannot take as input), so the
+    base term runs through that subclass's own `F.linear`."""
+    v = dequantize_factor(v_packed, v_scale, v_zero, bits, counts, in_features, group_size)
+    ut = dequantize_factor(u_packed, u_scale, u_zero, bits, counts, out_features, group_size)
+    return (((x.float() @ v.T) * s) @ ut).to(x.dtype)
+
+
+@delta_only_linear.register_fake
+def _(x, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s, bits, counts, out_features, in_features, group_size):
+    return x.new_empty(*x.shape[:-1], out_features)
