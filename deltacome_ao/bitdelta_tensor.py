@@ -10,6 +10,7 @@ import torch
 from torchao.utils import TorchAOBaseTensor
 
 from .decompose import weight_delta
+from .mixed_precision_delta_tensor import copy_to
 from .packing import pack_rows, unpack_rows
 
 __all__ = ["BitDeltaTensor"]
@@ -72,11 +73,7 @@ def _(func, types, args, kwargs):
 
 @implements(aten._to_copy.default)
 def _(func, types, args, kwargs):
-    w = args[0]
-    device = kwargs.get("device") or w.device
-    dtype = kwargs.get("dtype")
-    base = w.base_weight.to(device=device, dtype=dtype if dtype is not None and dtype.is_floating_point else None)
-    return BitDeltaTensor(base, w.sign_packed.to(device), w.scale.to(device))
+    return copy_to(args[0], kwargs.get("device"), kwargs.get("dtype"))
 
 
 BitDeltaTensor.__module__ = "deltacome_ao"

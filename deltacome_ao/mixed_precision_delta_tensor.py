@@ -338,15 +338,18 @@ def _(func, types, args, kwargs):
     return return_and_correct_aliasing(func, args, kwargs, out)
 
 
-@implements(aten._to_copy.default)
-def _(func, types, args, kwargs):
-    """Device moves apply to every buffer; a dtype change applies to the base weight only."""
-    w = args[0]
-    device = kwargs.get("device") or w.device
-    dtype = kwargs.get("dtype")
+def copy_to(w: TorchAOBaseTensor, device=None, dtype=None) -> TorchAOBaseTensor:
+    """`aten._to_copy` for base + delta tensors (first data tensor `base_weight`): a device move
+    applies to every buffer, a dtype change to the base weight only (codes and scales keep theirs)."""
+    device = device or w.device
     base = w.base_weight.to(device=device, dtype=dtype if dtype is not None and dtype.is_floating_point else None)
     moved = [getattr(w, n).to(device) for n in w.tensor_data_names[1:]]
-    return MixedPrecisionDeltaTensor(base, *moved, w.bits, w.counts, w.group_size)
+    return type(w)(base, *moved, *(getattr(w, a) for a in w.tensor_attribute_names))
+
+
+@implements(aten._to_copy.default)
+def _(func, types, args, kwargs):
+    return copy_to(args[0], kwargs.get("device"), kwargs.get("dtype"))
 
 
 MixedPrecisionDeltaTensor.__module__ = "deltacome_ao"
