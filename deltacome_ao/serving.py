@@ -18,7 +18,7 @@ bias of an `nn.Linear` (e.g. `lm_head`: the delta's rows use the delta's dense c
 kept tensor (norms, buffers, ...) is refused with `UnsupportedDeltaError`. See docs/serving.md.
 
 The grouped low-rank step is `segmented_delta_reference` (torch, any device); a segmented kernel
-for a device type is plugged in with `register_segmented_backend` (none is registered yet).
+for a device type is plugged in with `register_segmented_backend` (the Triton kernel `deltacome_ao.kernels.segmented` is registered for CUDA).
 """
 
 from __future__ import annotations

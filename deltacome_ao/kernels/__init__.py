@@ -29,6 +29,16 @@ def _cuda_impl(x, base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_z
                                group_size)
 
 
+def _segmented_cuda(y, x, groups, factors):
+    from .segmented import segmented_delta_triton
+
+    return segmented_delta_triton(y, x, groups, factors)
+
+
 if HAS_TRITON:
     delta_linear.register_kernel("cuda")(_cuda_impl)
     registered = True
+    # multi-delta serving seam (segmented.py); serving imports no triton either
+    from ..serving import register_segmented_backend
+
+    register_segmented_backend("cuda", _segmented_cuda)
