@@ -29,7 +29,7 @@ from .allocate import (
 )
 from .decompose import delta_svd, weight_delta
 from .gptq import gptq_input_groups, gptq_output_groups
-from .ops import dequantize_factor, delta_linear, delta_only_linear
+from .ops import delta_linear, delta_only_linear, dequantize_factors
 from .packing import pack_rows
 from .quantize import dequantize_rows, quantize_rows
 
@@ -210,9 +210,8 @@ class MixedPrecisionDeltaTensor(TorchAOBaseTensor):
 
     def delta_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(Û (out, r), s (r,), V̂ (r, in)) in fp32."""
-        out_features, in_features = self.base_weight.shape
-        v = dequantize_factor(self.v_packed, self.v_scale, self.v_zero, self.bits, self.counts, in_features, self.group_size)
-        ut = dequantize_factor(self.u_packed, self.u_scale, self.u_zero, self.bits, self.counts, out_features, self.group_size)
+        v, ut = dequantize_factors(*self.base_weight.shape, self.v_packed, self.v_scale, self.v_zero, self.u_packed,
+                                   self.u_scale, self.u_zero, self.bits, self.counts, self.group_size)
         return ut.T, self.s, v
 
     def dequantize(self, output_dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -14,7 +14,8 @@ from .allocate import FP16_BITS
 from .packing import band_offsets, unpack_rows
 from .quantize import dequantize_codes
 
-__all__ = ["dequantize_factor", "delta_linear", "delta_only_linear"]
+__all__ = ["dequantize_factor", "dequantize_factors", "low_rank_term", "delta_linear", "delta_linear_reference",
+           "delta_only_linear"]
 
 
 def dequantize_factor(packed, scale, zero, bits, counts, length: int, group_size: int) -> torch.Tensor:
@@ -32,11 +33,26 @@ def dequantize_factor(packed, scale, zero, bits, counts, length: int, group_size
     return torch.cat(rows)
 
 
-def _factors(base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, bits, counts, group_size):
-    out_features, in_features = base_weight.shape
+def dequantize_factors(out_features: int, in_features: int, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero,
+                       bits, counts, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(V̂ (r, in), Ûᵀ (r, out)) in fp32 for one compressed weight."""
     v = dequantize_factor(v_packed, v_scale, v_zero, bits, counts, in_features, group_size)
     ut = dequantize_factor(u_packed, u_scale, u_zero, bits, counts, out_features, group_size)
     return v, ut
+
+
+def low_rank_term(x: torch.Tensor, v: torch.Tensor, ut: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """`((x V̂ᵀ) * s) Ûᵀ` in fp32: its inputs are tiny compared with the base output."""
+    return ((x.float() @ v.T) * s) @ ut
+
+
+def delta_linear_reference(x, base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s, bits, counts,
+                           group_size: int) -> torch.Tensor:
+    """The reference path of `delta_linear` (also the kernels' fallback for unsupported inputs)."""
+    v, ut = dequantize_factors(*base_weight.shape, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, bits, counts,
+                               group_size)
+    y = torch.nn.functional.linear(x, base_weight.to(x.dtype))
+    return (y.float() + low_rank_term(x, v, ut, s)).to(x.dtype)
 
 
 @torch.library.custom_op("deltacome::delta_linear", mutates_args=())
@@ -54,11 +70,8 @@ def delta_linear(
     counts: list[int],
     group_size: int,
 ) -> torch.Tensor:
-    v, ut = _factors(base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, bits, counts, group_size)
-    y = torch.nn.functional.linear(x, base_weight.to(x.dtype))
-    # The low-rank path runs in fp32: its inputs are tiny compared with the base output.
-    t = (x.float() @ v.T) * s
-    return (y.float() + t @ ut).to(x.dtype)
+    return delta_linear_reference(x, base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s, bits, counts,
+                                  group_size)
 
 
 @delta_linear.register_fake
@@ -76,7 +89,8 @@ def _backward(ctx, grad):
     """Gradient for the input only: the compressed weight is frozen."""
     base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s = ctx.saved_tensors
     bits, counts, group_size, dtype = ctx.meta
-    v, ut = _factors(base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, bits, counts, group_size)
+    v, ut = dequantize_factors(*base_weight.shape, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, bits, counts,
+                               group_size)
     g = grad.float()
     grad_x = g @ base_weight.float() + ((g @ ut.T) * s) @ v
     return (grad_x.to(dtype),) + (None,) * 11
@@ -104,9 +118,9 @@ def delta_only_linear(
     """The delta term alone, `((x @ V̂.T) * s) @ Û.T`, fp32 inside, `x.dtype` out: used when the base
     weight is itself a quantized tensor subclass (which a custom op cannot take as input), so the
     base term runs through that subclass's own `F.linear`."""
-    v = dequantize_factor(v_packed, v_scale, v_zero, bits, counts, in_features, group_size)
-    ut = dequantize_factor(u_packed, u_scale, u_zero, bits, counts, out_features, group_size)
-    return (((x.float() @ v.T) * s) @ ut).to(x.dtype)
+    v, ut = dequantize_factors(out_features, in_features, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, bits,
+                               counts, group_size)
+    return low_rank_term(x, v, ut, s).to(x.dtype)
 
 
 @delta_only_linear.register_fake

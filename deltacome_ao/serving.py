@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from . import artifact
 from .mixed_precision_delta_tensor import MixedPrecisionDeltaTensor
-from .ops import dequantize_factor
+from .ops import dequantize_factors, low_rank_term
 
 __all__ = [
     "MultiDeltaLinear",
@@ -180,10 +180,8 @@ class DeltaFactors:
         """(V̂ (r, in), Ûᵀ (r, out)) fp32: the cached ones, else unpacked now."""
         if self.v is not None:
             return self.v, self.ut
-        out_features, in_features = self.shape
-        v = dequantize_factor(self.v_packed, self.v_scale, self.v_zero, self.bits, self.counts, in_features, self.group_size)
-        ut = dequantize_factor(self.u_packed, self.u_scale, self.u_zero, self.bits, self.counts, out_features, self.group_size)
-        return v, ut
+        return dequantize_factors(*self.shape, self.v_packed, self.v_scale, self.v_zero, self.u_packed, self.u_scale,
+                                  self.u_zero, self.bits, self.counts, self.group_size)
 
     def packed_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in
@@ -224,8 +222,7 @@ def segmented_delta_reference(y: torch.Tensor, x: torch.Tensor, groups, factors:
             continue
         v, ut = f.dequantized()
         xg = x.index_select(0, rows)
-        t = (xg.float() @ v.T) * f.s
-        yg = (y.index_select(0, rows).float() + t @ ut).to(y.dtype)
+        yg = (y.index_select(0, rows).float() + low_rank_term(xg, v, ut, f.s)).to(y.dtype)
         y.index_copy_(0, rows, yg)
     return y
 

@@ -15,7 +15,7 @@ import functools
 
 import torch
 
-from ..ops import dequantize_factor
+from ..ops import delta_linear_reference
 from .configs import dispatch_thresholds
 from .delta_gemm import delta_gemm_dequant, delta_gemm_fused
 from .delta_gemv import delta_gemv
@@ -49,14 +49,6 @@ def choose_path(tokens: int, device: torch.device | None = None, dtype: torch.dt
     return "gemm_dequant"
 
 
-def _reference(x, base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s, bits, counts, group_size):
-    out_features, in_features = base_weight.shape
-    v = dequantize_factor(v_packed, v_scale, v_zero, bits, counts, in_features, group_size)
-    ut = dequantize_factor(u_packed, u_scale, u_zero, bits, counts, out_features, group_size)
-    y = torch.nn.functional.linear(x, base_weight.to(x.dtype))
-    return (y.float() + ((x.float() @ v.T) * s) @ ut).to(x.dtype)
-
-
 def delta_linear_triton(
     x, base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s, bits, counts, group_size,
     path: str | None = None,
@@ -67,7 +59,7 @@ def delta_linear_triton(
         x.dtype not in _FLOATS or base_weight.dtype not in _FLOATS or x.shape[-1] != in_features
         or x.numel() == 0 or out_features == 0 or in_features == 0
     ):
-        return _reference(x, base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s, bits, counts, group_size)
+        return delta_linear_reference(x, base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s, bits, counts, group_size)
     layout = cached_layout(tuple(bits), tuple(counts), out_features, in_features, int(group_size))
     x2 = x.reshape(-1, in_features)
     if x2.stride(-1) != 1:
