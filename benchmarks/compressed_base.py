@@ -97,7 +97,7 @@ def models(pair: str = "llama-arith", alpha: float = 1 / 16):
 def measure(pair: str = "llama-arith", alpha: float = 1 / 16, n_problems: int = 200, n_batches: int = 4) -> list[dict]:
     task = PAIRS[pair].task
     batches = task.text_batches("task", n_batches=n_batches)
-    start = task.example(0, 0)[1]  # index of the first answer token
+    start = task.answer_start
     built = models(pair, alpha)
     reference = built["fine-tuned"]
     rows = []

@@ -27,13 +27,15 @@ from .config import DeltaCoMeConfig, delta_report
 from .evaluate import kl_divergence, perplexity
 from .pairs import PAIRS, load_pair
 
-__all__ = ["compare", "format_table"]
+__all__ = ["compare", "compress_variant", "format_table", "calibration_batches", "VARIANTS"]
 
 # name -> (label, DeltaCoMeConfig fields); "calibrated" rows get GPTQ calibration on training problems.
 VARIANTS = {
     "deltacome": ("Delta-CoMe (8/3/2-bit, RTN)", dict(method="deltacome")),
     "deltacome-gptq": ("Delta-CoMe (8/3/2-bit, GPTQ)", dict(method="deltacome", calibrated=True)),
     "deltacome-optimal": ("Delta-CoMe, optimal bits (RTN)", dict(method="deltacome", allocation="optimal")),
+    "deltacome-optimal-gptq": ("Delta-CoMe, optimal bits (GPTQ)",
+                               dict(method="deltacome", allocation="optimal", calibrated=True)),
     "single": ("single precision (2-bit, RTN)", dict(method="single")),
     "lowrank": ("low-rank (fp16)", dict(method="lowrank")),
     "bitdelta": ("BitDelta (sign + scale)", dict(method="bitdelta")),
@@ -41,7 +43,7 @@ VARIANTS = {
 
 
 def _row(label, model, reference, task, batches, n_problems, delta_bytes=None, bits=None, seconds=None):
-    answer_start = task.example(0, 0)[1]  # index of the first answer token
+    answer_start = task.answer_start
     return {
         "method": label,
         "delta_bytes": delta_bytes,
@@ -56,9 +58,26 @@ def _row(label, model, reference, task, batches, n_problems, delta_bytes=None, b
 
 def calibration_batches(task, n: int = 128, seed: int = 0) -> list[torch.Tensor]:
     """Training problems (never the held-out ones) as one batch of full sequences."""
-    train = task.train_pairs()
+    train = task.train_items()
     idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
     return [torch.tensor([task.example(*train[int(i)])[0] for i in idx])]
+
+
+def compress_variant(finetuned, base, task, name: str, alpha: float = 1 / 16, group_size: int = 128,
+                     progress: bool = True):
+    """A compressed copy of `finetuned` by variant `name`: (model, seconds, delta bytes, bits/param)."""
+    fields = dict(VARIANTS[name][1])
+    if fields.pop("calibrated", False):
+        fields["calibration"] = calibration_batches(task)
+    model = copy.deepcopy(finetuned)
+    start = time.perf_counter()
+    with torch.no_grad():
+        quantize_(model, DeltaCoMeConfig(base=base, alpha=alpha, group_size=group_size, progress=progress, **fields))
+    seconds = time.perf_counter() - start
+    report = delta_report(model)
+    nbytes = sum(r["delta_bytes"] for r in report)
+    params = sum(r["shape"][0] * r["shape"][1] for r in report)
+    return model, seconds, nbytes, 8 * nbytes / params
 
 
 def compare(pair: str = "llama-arith", alpha: float = 1 / 16, variants=tuple(VARIANTS), n_problems: int = 200,
@@ -73,19 +92,8 @@ def compare(pair: str = "llama-arith", alpha: float = 1 / 16, variants=tuple(VAR
         _row("fine-tuned", finetuned, finetuned, task, batches, n_problems),
     ]
     for name in variants:
-        label, fields = VARIANTS[name]
-        fields = dict(fields)
-        if fields.pop("calibrated", False):
-            fields["calibration"] = calibration_batches(task)
-        model = copy.deepcopy(finetuned)
-        start = time.perf_counter()
-        with torch.no_grad():
-            quantize_(model, DeltaCoMeConfig(base=base, alpha=alpha, group_size=group_size, progress=progress, **fields))
-        seconds = time.perf_counter() - start
-        report = delta_report(model)
-        nbytes = sum(r["delta_bytes"] for r in report)
-        params = sum(r["shape"][0] * r["shape"][1] for r in report)
-        rows.append(_row(label, model, finetuned, task, batches, n_problems, nbytes, 8 * nbytes / params, seconds))
+        model, seconds, nbytes, bits = compress_variant(finetuned, base, task, name, alpha, group_size, progress)
+        rows.append(_row(VARIANTS[name][0], model, finetuned, task, batches, n_problems, nbytes, bits, seconds))
     return rows
 
 

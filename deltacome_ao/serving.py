@@ -13,9 +13,12 @@ replaces every linear layer a delta touches with a `MultiDeltaLinear`, and route
 its delta: `model(input_ids, delta_ids=[...])`, `model.generate(input_ids, delta_ids=[...], ...)`.
 
 Kept (non-linear) tensors of a delta — those that differ from the base — are served per row when
-they are the weight of an `nn.Embedding` (per-row gather from the delta's own table) or the weight /
-bias of an `nn.Linear` (e.g. `lm_head`: the delta's rows use the delta's dense copy); any other
-kept tensor (norms, buffers, ...) is refused with `UnsupportedDeltaError`. See docs/serving.md.
+they are the weight of an `nn.Embedding` (per-row gather from the delta's own table), the weight /
+bias of an `nn.Linear` (e.g. `lm_head`: the delta's rows use the delta's dense copy), or parameters
+of any other leaf module with a batch-first forward, such as the RMSNorm / LayerNorm weights every
+full fine-tune changes (`MultiDeltaModule`: the delta's rows run through the module again with the
+delta's parameters). Buffers and parameters of modules with children are refused with
+`UnsupportedDeltaError`. See docs/serving.md.
 
 The grouped low-rank step is `segmented_delta_reference` (torch, any device); a segmented kernel
 for a device type is plugged in with `register_segmented_backend` (the Triton kernel `deltacome_ao.kernels.segmented` is registered for CUDA).
@@ -42,6 +45,7 @@ from .ops import dequantize_factors, low_rank_term
 __all__ = [
     "MultiDeltaLinear",
     "MultiDeltaEmbedding",
+    "MultiDeltaModule",
     "MultiDeltaModel",
     "DeltaFactors",
     "Routing",
@@ -200,12 +204,13 @@ class _Entry:
     factors: Optional[DeltaFactors] = None
     weight: Optional[torch.Tensor] = None
     bias: Optional[torch.Tensor] = None
+    params: Optional[Mapping[str, torch.Tensor]] = None
 
     def nbytes(self) -> int:
         n = 0
         if self.factors is not None:
             n += self.factors.packed_nbytes() + self.factors.cache_nbytes()
-        for t in (self.weight, self.bias):
+        for t in (self.weight, self.bias, *(self.params or {}).values()):
             if t is not None:
                 n += t.numel() * t.element_size()
         return n
@@ -421,7 +426,59 @@ class MultiDeltaEmbedding(torch.nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, deltas={sorted(self._registry.names)}"
 
 
-_MULTI = (MultiDeltaLinear, MultiDeltaEmbedding)
+class MultiDeltaModule(torch.nn.Module):
+    """Any other leaf module (RMSNorm, LayerNorm, ...) whose parameters deltas replace. The base
+    module runs on every row, then each such delta's rows run through it again with the delta's
+    parameters (`torch.func.functional_call`), so whatever the module computes, a row gets what
+    the delta's model alone gives. Needs a forward whose first argument and output are batch-first
+    tensors, as norms have. The module's parameters are registered here under their own names
+    (state dicts and base fingerprints are unchanged); the module itself is not a submodule."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        if next(module.children(), None) is not None:
+            raise UnsupportedDeltaError(f"{type(module).__name__} has submodules; only leaf modules can be served per row")
+        object.__setattr__(self, "_inner", module)
+        for n, p in module.named_parameters(recurse=False):
+            self.register_parameter(n, p)
+        for n, b in module.named_buffers(recurse=False):
+            self.register_buffer(n, b)
+        self._registry = _Registry()
+
+    def add(self, name: str, params: Optional[Mapping[str, torch.Tensor]] = None, *, delta_id: Optional[int] = None) -> int:
+        own = dict(self._inner.named_parameters(recurse=False))
+        checked = {}
+        for leaf, value in (params or {}).items():
+            if leaf not in own or own[leaf].shape != value.shape:
+                raise ValueError(f"{name}: {leaf} {tuple(value.shape)} does not match {type(self._inner).__name__}'s parameters "
+                                 f"{ {k: tuple(v.shape) for k, v in own.items()} }")
+            checked[leaf] = value.detach().to(own[leaf].device, own[leaf].dtype)
+        return self._registry.add(name, _Entry(name, params=checked or None), delta_id)
+
+    def remove(self, name: str) -> int:
+        return self._registry.remove(name)
+
+    def delta_ids(self) -> dict[str, int]:
+        return dict(self._registry.names)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        r = _resolve(None, x.shape[0]) if x.dim() > 1 else None
+        entries = self._registry.snapshot(r, type(self._inner).__name__)
+        y = self._inner(x, *args, **kwargs)
+        if r is None:
+            return y
+        for d, rows in r.groups_on(x.device):
+            params = entries[d].params
+            if params:
+                yg = torch.func.functional_call(self._inner, dict(params), (x.index_select(0, rows), *args), kwargs)
+                y = y.index_copy(0, rows, yg)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{type(self._inner).__name__}, deltas={sorted(self._registry.names)}"
+
+
+_MULTI = (MultiDeltaLinear, MultiDeltaEmbedding, MultiDeltaModule)
 
 
 # --- the model -----------------------------------------------------------------------------------
@@ -503,6 +560,8 @@ class MultiDeltaModel(torch.nn.Module):
                     module = self._multi(module_name)
                     if isinstance(module, MultiDeltaEmbedding):
                         module.add(name, dense[module_name].get("weight"), delta_id=delta_id)
+                    elif isinstance(module, MultiDeltaModule):
+                        module.add(name, dense[module_name], delta_id=delta_id)
                     else:
                         module.add(name, layers.get(module_name), weight=dense.get(module_name, {}).get("weight"),
                                    bias=dense.get(module_name, {}).get("bias"), delta_id=delta_id, check_base=False)
@@ -539,8 +598,11 @@ class MultiDeltaModel(torch.nn.Module):
                 continue  # stored (e.g. saved without a base) but equal to the base's: nothing to serve
             owner, leaf = _split(key)
             module = self._skeleton.get_submodule(owner) if owner else self._skeleton
+            own = dict(module.named_parameters(recurse=False))
             ok = (isinstance(module, torch.nn.Embedding) and leaf == "weight") or \
-                 (isinstance(module, torch.nn.Linear) and leaf in ("weight", "bias"))
+                 (isinstance(module, torch.nn.Linear) and leaf in ("weight", "bias")) or \
+                 (not isinstance(module, (torch.nn.Embedding, torch.nn.Linear)) and leaf in own
+                  and next(module.children(), None) is None)
             if ok and isinstance(module, torch.nn.Linear) and leaf == "weight" and owner in layers:
                 ok = False  # a compressed layer's weight is never a kept tensor
             if not ok:
@@ -550,8 +612,8 @@ class MultiDeltaModel(torch.nn.Module):
         if refused:
             raise UnsupportedDeltaError(
                 f"the delta changes tensors that cannot be swapped per row: {artifact._few(refused)}; only "
-                "projection deltas, nn.Embedding tables and nn.Linear weights/biases (e.g. lm_head) can be served "
-                "in a mixed batch — serve this fine-tune alone with artifact.load_delta")
+                "projection deltas, nn.Embedding tables, nn.Linear weights/biases (e.g. lm_head) and parameters of "
+                "leaf modules such as norms can be served in a mixed batch — serve this fine-tune alone with artifact.load_delta")
         return layers, dense
 
     def _multi(self, module_name: str) -> torch.nn.Module:
@@ -564,6 +626,8 @@ class MultiDeltaModel(torch.nn.Module):
             wrapped = MultiDeltaEmbedding(current)
         elif isinstance(current, torch.nn.Linear):
             wrapped = MultiDeltaLinear(current, self.cache_dequantized)
+        elif next(current.children(), None) is None:
+            wrapped = MultiDeltaModule(current)
         else:
             raise UnsupportedDeltaError(f"{module_name}: {type(current).__name__} cannot be served per row")
         for other, delta_id in self._ids.items():
@@ -596,7 +660,7 @@ class MultiDeltaModel(torch.nn.Module):
                 raise UnknownDeltaError(f"no delta named {name!r}")
             return sum(m.delta_nbytes(name) for m in self.multi_modules().values() if isinstance(m, MultiDeltaLinear)) + \
                 sum(m._registry.entries[self._ids[name]].nbytes() for m in self.multi_modules().values()
-                    if isinstance(m, MultiDeltaEmbedding))
+                    if isinstance(m, (MultiDeltaEmbedding, MultiDeltaModule)))
 
     # --- routing ---
 

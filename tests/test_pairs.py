@@ -51,7 +51,7 @@ def test_pair_shapes(pair):
 
 
 def test_eval_problems_are_held_out():
-    train = {TASK.format(a, b) for a, b in TASK.train_pairs()}
+    train = {TASK.format(a, b) for a, b in TASK.train_items()}
     problems = TASK.eval_problems(200, seed=3)
     assert len(set(problems)) == 200 and not train & set(problems)
     assert problems == TASK.eval_problems(200, seed=3)

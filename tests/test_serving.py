@@ -5,7 +5,7 @@ Covers: per-row logits of a mixed batch (deltas A, B, C, D + base rows) equal to
 model run alone; greedy generation of the mixed batch equal to each model's own; a delta with its
 own embedding table and lm_head (served per row); the layer on its own (cached and on-the-fly
 factors); loading / unloading other deltas in threads while forwards run; unloading a delta in use;
-unknown names / ids; deltas that cannot be served per row (changed norms, BitDelta) refused with
+unknown names / ids; deltas that cannot be served per row (changed buffers, BitDelta) refused with
 nothing changed.
 """
 
@@ -276,11 +276,15 @@ def test_unservable_deltas_refused_nothing_changed(setup, tmp_path):
     base = setup[0]
     served = _served(setup, names=("a",))
     before = {n: dict(m.delta_ids()) for n, m in served.multi_modules().items()}
-    # norms changed: cannot be swapped per row
-    ft = _compress(finetune(base, seed=20), base)
-    save_delta(ft, tmp_path / "norms", base=base)
-    with pytest.raises(UnsupportedDeltaError, match="norm"):
-        served.load_delta("norms", tmp_path / "norms")
+    # a changed buffer (not a parameter) cannot be swapped per row
+    ft = _compress(structured_finetune(base, seed=20), base)
+    rotary = next(n for n, _ in ft.named_buffers() if n.endswith("inv_freq"))
+    owner = ft.get_submodule(rotary.rpartition(".")[0])
+    owner.inv_freq = owner.inv_freq * 1.01
+    save_delta(ft, tmp_path / "buffer", base=base)
+    if "inv_freq" in (tmp_path / "buffer" / "delta_config.json").read_text():
+        with pytest.raises(UnsupportedDeltaError, match="inv_freq"):
+            served.load_delta("buffer", tmp_path / "buffer")
     # BitDelta layers are not MixedPrecisionDeltaTensor
     bd = _compress(structured_finetune(base, seed=21), base,
                    DeltaCoMeConfig(base=base, method="bitdelta", group_size=32, progress=False))
@@ -316,3 +320,24 @@ def test_beam_search_rows_keep_their_delta(setup):
         for i, n in enumerate(rows):
             ref = (models[n] if n else base).generate(x[i:i + 1], attention_mask=torch.ones_like(x[i:i + 1]), **kw)
             assert torch.equal(out[i], ref[0]), (i, n)
+
+
+def test_changed_norms_are_served_per_row(setup, tmp_path):
+    """A full fine-tune also moves every RMSNorm weight: those rows use the delta's norms."""
+    base, models, dirs, _ = setup
+    ft = _compress(finetune(base, seed=20), base).eval()
+    save_delta(ft, tmp_path / "norms", base=base)
+    served = _served(setup, names=("a",))
+    served.load_delta("norms", tmp_path / "norms")
+    norms = [n for n, m in served.multi_modules().items() if type(m).__name__ == "MultiDeltaModule"]
+    assert any(n.endswith("input_layernorm") for n in norms) and any(n.endswith("model.norm") for n in norms)
+    assert sorted(served.model.state_dict()) == sorted(base.state_dict())
+    x = ids(seed=6, batch=4, length=9)
+    with torch.no_grad():
+        out = served(x, delta_ids=["norms", "a", None, "norms"]).logits
+        for i, n in enumerate(["norms", "a", None, "norms"]):
+            ref = {"norms": ft, "a": models["a"], None: base}[n](x[i:i + 1]).logits[0]
+            torch.testing.assert_close(out[i], ref, **TOL)
+    served.unload_delta("norms")
+    with torch.no_grad():
+        torch.testing.assert_close(served(x, delta_ids=[None] * 4).logits, base(x).logits, **TOL)
