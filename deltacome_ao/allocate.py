@@ -127,11 +127,13 @@ def max_candidate_vectors(out_features: int, in_features: int, alpha: float, can
     return min(min(out_features, in_features), budget_bits(out_features, in_features, alpha) // min(costs))
 
 
-def error_table(u_rows, v_rows, candidates, quantize_fn, hessian=None):
+def error_table(u_rows, v_rows, candidates, quantize_fn, hessian=None, quantize_v_fn=None):
     """Measured quantization error of every rank-1 term `u_i v_iᵀ` at every candidate width.
 
     `u_rows` (r, out) and `v_rows` (r, in) are the two singular vectors of each term (any norm);
-    `quantize_fn(rows, bits) -> dequantized rows` is the quantizer (RTN in practice).
+    `quantize_fn(rows, bits) -> dequantized rows` is the quantizer (RTN in practice);
+    `quantize_v_fn`, if given, quantizes the v rows instead (e.g. GPTQ against the same H: its rows
+    are quantized independently of each other, so the per-vector table stays exact).
     With `hessian` H (in, in), errors are measured in the layer's output space:
     ‖X(ûv̂ᵀ - uvᵀ)ᵀ‖² = ‖û‖² v̂ᵀHv̂ - 2(ûᵀu)(v̂ᵀHv) + ‖u‖² vᵀHv, otherwise in Frobenius norm (H = I).
 
@@ -152,7 +154,7 @@ def error_table(u_rows, v_rows, candidates, quantize_fn, hessian=None):
         if bits == 0 or r == 0:
             continue
         uq = quantize_fn(u_rows, bits).double()
-        vq = quantize_fn(v_rows, bits).double()
+        vq = (quantize_v_fn or quantize_fn)(v_rows, bits).double()
         hvq = vq if hessian is None else vq @ hessian.double()
         err = (uq * uq).sum(1) * (vq * hvq).sum(1) - 2 * (uq * u).sum(1) * (vq * hv).sum(1) + energy
         rel[:, c] = torch.where(energy > 0, err.clamp_min(0) / safe, torch.zeros_like(err))

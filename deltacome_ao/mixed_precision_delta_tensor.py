@@ -165,7 +165,7 @@ class MixedPrecisionDeltaTensor(TorchAOBaseTensor):
         if optimal:
             chosen, perm = _optimal_bands(
                 u_rows, s, v_rows, candidates, budget_bits(out_features, in_features, alpha), group_size,
-                quantizer, hessian, damp,
+                quantizer, hessian, damp, act_order,
             )
         else:
             chosen = _truncate(chosen, svd_out.rank)
@@ -246,18 +246,22 @@ def _budget_error(name, alpha, out_features, in_features, widths, group_size) ->
     )
 
 
-def _optimal_bands(u_rows, s, v_rows, candidates, budget, group_size, quantizer, hessian, damp):
+def _optimal_bands(u_rows, s, v_rows, candidates, budget, group_size, quantizer, hessian, damp,
+                   act_order=True, gptq_v=True):
     """Per-vector widths from `allocate.optimal_allocation` -> (bands, permutation of the vectors)."""
     out_features, in_features = u_rows.shape[1], v_rows.shape[1]
 
     def measure(rows, bits):
         return dequantize_rows(quantizer(rows, bits, group_size), group_size)
 
-    H = None
+    H = measure_v = None
     if hessian is not None:
         H = hessian.detach().to(device=v_rows.device, dtype=torch.float64)
         H = H + damp * torch.diagonal(H).mean().clamp_min(1e-30) * torch.eye(in_features, dtype=H.dtype, device=H.device)
-    rel, energy = error_table(u_rows, v_rows, candidates, measure, H)
+        if gptq_v:
+            def measure_v(rows, bits):  # what GPTQ will really do to V̂ at this width
+                return gptq_input_groups(rows, hessian, bits, group_size, damp, act_order).dequantized
+    rel, energy = error_table(u_rows, v_rows, candidates, measure, H, measure_v)
     weight = s.double().cpu() * energy.cpu().sqrt()
     costs = candidate_costs(candidates, out_features, in_features, group_size)
     choice = optimal_allocation(weight, rel.cpu(), costs, budget)
