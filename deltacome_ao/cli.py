@@ -1,6 +1,6 @@
 """`deltacome`: the command line around the library (compress, inspect, eval, merge).
 
-    deltacome compress BASE FINETUNED OUT [--alpha 0.0625] [--method deltacome] [--calib N --calib-file F]
+    deltacome compress BASE FINETUNED OUT [--alpha 0.0625] [--method deltacome] [--calib N --calib-file F] [--stream]
     deltacome inspect DELTA [--png PATH] [--base BASE]
     deltacome eval BASE DELTA [--pair llama-arith | --text-file F [--finetuned DIR]]
     deltacome merge BASE DELTA OUT
@@ -184,19 +184,36 @@ def main():
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the calibration window positions")
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True, help="load dtype (auto: as saved)")
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
+@click.option("--stream", is_flag=True,
+              help="read both checkpoints tensor by tensor (never a whole model in memory); same artifact")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar, no per-layer table")
 @_user_errors
 def compress(base, finetuned, out, alpha, method, allocation, group_size, calib, calib_file, calib_len, seed, dtype,
-             overwrite, quiet):
+             overwrite, stream, quiet):
     """Compress FINETUNED against BASE and write the delta artifact OUT."""
-    import torch
-    from torchao import quantize_
-
-    from .artifact import read_delta_config, save_delta
-    from .config import DeltaCoMeConfig
+    from .artifact import read_delta_config
 
     if out.exists() and not overwrite:
         raise click.ClickException(f"{out} exists; pass --overwrite to replace it")
+    if stream:
+        if calib or calib_file is not None:
+            raise click.UsageError("--stream is data-free: --calib needs the whole model (drop --stream)")
+        if dtype != "auto":
+            raise click.UsageError("--stream reads the tensors in their saved dtype: drop --dtype")
+        from .streaming import compress_streaming
+
+        compress_streaming(base, finetuned, out, alpha=alpha, method=method, allocation=allocation,
+                           group_size=group_size, overwrite=overwrite, progress=not quiet,
+                           metadata={"base": str(base), "finetuned": str(finetuned), "calibration_windows": 0})
+        _report_written(read_delta_config(out), out, quiet)
+        return
+
+    import torch
+    from torchao import quantize_
+
+    from .artifact import save_delta
+    from .config import DeltaCoMeConfig
+
     if calib and calib_file is None:
         raise click.UsageError("--calib N needs --calib-file PATH (a text file to draw the N windows from)")
     if calib_file is not None and not calib:
@@ -217,7 +234,10 @@ def compress(base, finetuned, out, alpha, method, allocation, group_size, calib,
         quantize_(model, config)
     save_delta(model, out, base=base_model, config=config, overwrite=overwrite,
                metadata={"base": str(base), "finetuned": str(finetuned), "calibration_windows": calib})
-    document = read_delta_config(out)
+    _report_written(read_delta_config(out), out, quiet)
+
+
+def _report_written(document: dict, out: Path, quiet: bool):
     if not quiet:
         click.echo(_summary(document, out))
     else:
