@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 """lm-eval check: the harness scores a compressed model exactly like `task.accuracy`.
 
-    python benchmarks/lm_eval_check.py [--pair llama-arith] [--alpha 0.0625] [--problems 200]
+    python benchmarks/lm_eval_check.py [--pairs llama-arith mistral-code qwen2-json] [--alpha 0.0625] [--problems 200]
 
-Compresses the fine-tuned model of the pair with Delta-CoMe (RTN, `alpha`), then scores the base,
-the fine-tuned and the compressed model twice on the same held-out problems (greedy exact match):
-with `PAIRS[pair].task.accuracy` (our loop, the number `benchmarks/quality.py` reports) and with
-EleutherAI lm-eval's `HFLM` on a local task (`deltacome_ao.harness`). Prints the table and writes
+For each pair (default: the zoo) compresses the fine-tuned model with Delta-CoMe (RTN, `alpha`),
+then scores the base, the fine-tuned and the compressed model twice on the same held-out problems
+(greedy exact match): with `PAIRS[pair].task.accuracy` (our loop) and with EleutherAI lm-eval's
+`HFLM` on a local task (`deltacome_ao.harness`). The compressed row also shows the accuracy that
+`benchmarks/quality.py` recorded for the same pair, alpha and method in
+`benchmarks/results/quality.json`, when there is one. Prints the table and writes
 `benchmarks/results/lm_eval_check.json` (`--json` to change). Exits 1 if any row differs.
 """
 
@@ -27,9 +29,28 @@ from torchao import quantize_
 
 from deltacome_ao.config import DeltaCoMeConfig
 from deltacome_ao.harness import harness_eval
-from deltacome_ao.pairs import PAIRS, load_pair
+from deltacome_ao.pairs import PAIRS, ZOO, load_pair
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lm_eval_check.json"
+QUALITY = Path(__file__).resolve().parent / "results" / "quality.json"
+
+
+def _quality_accuracy(pair: str, alpha: float, problems: int):
+    """The accuracy quality.py recorded for Delta-CoMe RTN on `pair` at `alpha`, or None."""
+    if not QUALITY.is_file():
+        return None
+    q = json.loads(QUALITY.read_text())
+    if q.get("n_problems") != problems or pair not in q["pairs"]:
+        return None
+    for r in q["pairs"][pair]["rows"]:
+        if r["variant"] == "deltacome" and r["alpha"] and abs(eval_fraction(r["alpha"]) - alpha) < 1e-12:
+            return r.get("accuracy")
+    return None
+
+
+def eval_fraction(text: str) -> float:
+    num, _, den = text.partition("/")
+    return float(num) / float(den or 1)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -48,7 +69,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    ap.add_argument("--pair", default="llama-arith")
+    ap.add_argument("--pairs", nargs="+", default=list(ZOO), choices=sorted(PAIRS))
     ap.add_argument("--alpha", type=float, default=1 / 16)
     ap.add_argument("--problems", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
@@ -56,47 +77,48 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
 
-    torch.manual_seed(0)
-    task = PAIRS[args.pair].task
-    base, finetuned = load_pair(args.pair)
-    compressed = copy.deepcopy(finetuned)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        quantize_(compressed, DeltaCoMeConfig(base=base, alpha=args.alpha, progress=False))
-    compress_s = time.perf_counter() - t0
-
     rows = []
-    for label, model in [("base", base), ("fine-tuned", finetuned),
-                         (f"Delta-CoMe RTN alpha={args.alpha:g}", compressed)]:
-        t0 = time.perf_counter()
-        ref = task.accuracy(model, n=args.problems, seed=args.seed)
-        t1 = time.perf_counter()
-        out = harness_eval(model, args.pair, args.problems, args.seed, batch_size=args.batch_size)
-        t2 = time.perf_counter()
-        rows.append({
-            "model": label,
-            "task_accuracy": ref,
-            "lm_eval_accuracy": out["accuracy"],
-            "equal": ref == out["accuracy"],
-            "n": out["n"],
-            "task_accuracy_s": round(t1 - t0, 2),
-            "lm_eval_s": round(t2 - t1, 2),
-        })
+    for pair in args.pairs:
+        torch.manual_seed(0)
+        task = PAIRS[pair].task
+        base, finetuned = load_pair(pair)
+        compressed = copy.deepcopy(finetuned)
+        with torch.no_grad():
+            quantize_(compressed, DeltaCoMeConfig(base=base, alpha=args.alpha, progress=False))
+        for label, model in [("base", base), ("fine-tuned", finetuned),
+                             (f"Delta-CoMe RTN alpha={args.alpha:g}", compressed)]:
+            t0 = time.perf_counter()
+            ref = task.accuracy(model, n=args.problems, seed=args.seed)
+            t1 = time.perf_counter()
+            out = harness_eval(model, pair, args.problems, args.seed, batch_size=args.batch_size)
+            t2 = time.perf_counter()
+            quality = _quality_accuracy(pair, args.alpha, args.problems) if model is compressed and args.seed == 0 else None
+            rows.append({
+                "pair": pair,
+                "model": label,
+                "task_accuracy": ref,
+                "lm_eval_accuracy": out["accuracy"],
+                "quality_py_accuracy": quality,
+                "equal": ref == out["accuracy"] and (quality is None or quality == ref),
+                "n": out["n"],
+                "task_accuracy_s": round(t1 - t0, 2),
+                "lm_eval_s": round(t2 - t1, 2),
+            })
 
-    print(f"pair {args.pair}, {args.problems} held-out problems (seed {args.seed}), greedy exact match")
-    print(f"{'model':<28} {'task.accuracy':>13} {'lm-eval HFLM':>13} {'equal':>6} {'ours s':>7} {'lm-eval s':>9}")
+    print(f"{args.problems} held-out problems per pair (seed {args.seed}), greedy exact match")
+    print(f"{'pair':<13} {'model':<28} {'task.accuracy':>13} {'lm-eval HFLM':>13} {'quality.py':>10} {'equal':>6}")
     for r in rows:
-        print(f"{r['model']:<28} {r['task_accuracy']:>13.3f} {r['lm_eval_accuracy']:>13.3f} "
-              f"{'yes' if r['equal'] else 'NO':>6} {r['task_accuracy_s']:>7.2f} {r['lm_eval_s']:>9.2f}")
+        q = "" if r["quality_py_accuracy"] is None else f"{r['quality_py_accuracy']:.3f}"
+        print(f"{r['pair']:<13} {r['model']:<28} {r['task_accuracy']:>13.3f} {r['lm_eval_accuracy']:>13.3f} "
+              f"{q:>10} {'yes' if r['equal'] else 'NO':>6}")
 
     _write_json(args.json, {
-        "pair": args.pair,
+        "pairs": args.pairs,
         "alpha": args.alpha,
         "method": "deltacome (RTN)",
         "problems": args.problems,
         "seed": args.seed,
         "hflm_batch_size": args.batch_size,
-        "compress_s": round(compress_s, 2),
         "rows": rows,
         "versions": {p: version(p) for p in ("lm_eval", "transformers", "torch", "torchao")},
         "command": " ".join(["python benchmarks/lm_eval_check.py", *(sys.argv[1:] if argv is None else argv)]),
