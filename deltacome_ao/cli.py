@@ -179,7 +179,9 @@ def main():
 @click.option("--group-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--calib", type=click.IntRange(min=0), default=0, show_default=True,
               help="GPTQ calibration on N random windows of --calib-file (0: data-free RTN)")
-@click.option("--calib-file", type=_file, help="text file for --calib, encoded with the model's tokenizer (or bytes)")
+@click.option("--calib-file", type=_file,
+              help="text file for --calib, encoded with the model's tokenizer (or bytes); default: the zoo's "
+                   "pre-training corpus (Python standard-library source)")
 @click.option("--calib-len", type=click.IntRange(min=2), default=128, show_default=True, help="tokens per calibration window")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of the calibration window positions")
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True, help="load dtype (auto: as saved)")
@@ -214,8 +216,6 @@ def compress(base, finetuned, out, alpha, method, allocation, group_size, calib,
     from .artifact import save_delta
     from .config import DeltaCoMeConfig
 
-    if calib and calib_file is None:
-        raise click.UsageError("--calib N needs --calib-file PATH (a text file to draw the N windows from)")
     if calib_file is not None and not calib:
         raise click.UsageError("--calib-file is used only with --calib N (N > 0)")
     if not quiet:
@@ -223,8 +223,15 @@ def compress(base, finetuned, out, alpha, method, allocation, group_size, calib,
     base_model = _load(base, dtype)
     model = _load(finetuned, dtype)
     calibration = None
+    source = None
     if calib:
-        ids = encode_text(calib_file.read_text(encoding="utf-8", errors="replace"), finetuned, model.config)
+        if calib_file is None:  # the zoo's own corpus: Python source from the standard library
+            from .pairs import PRETRAIN_FILES, stdlib_text
+
+            text, source = stdlib_text(PRETRAIN_FILES).decode("utf-8", errors="replace"), "zoo corpus (Python stdlib)"
+        else:
+            text, source = calib_file.read_text(encoding="utf-8", errors="replace"), str(calib_file)
+        ids = encode_text(text, finetuned, model.config)
         calibration = [text_windows(ids, calib, calib_len, seed)]
     config = DeltaCoMeConfig(
         base=base_model, alpha=alpha, method=method, allocation=allocation, group_size=group_size,
@@ -233,7 +240,8 @@ def compress(base, finetuned, out, alpha, method, allocation, group_size, calib,
     with torch.no_grad():
         quantize_(model, config)
     save_delta(model, out, base=base_model, config=config, overwrite=overwrite,
-               metadata={"base": str(base), "finetuned": str(finetuned), "calibration_windows": calib})
+               metadata={"base": str(base), "finetuned": str(finetuned), "calibration_windows": calib,
+                         "calibration_source": source})
     _report_written(read_delta_config(out), out, quiet)
 
 

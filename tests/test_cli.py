@@ -105,8 +105,8 @@ def test_errors_are_one_line_and_nonzero(delta, tmp_path):
     assert not_delta.exit_code == 1 and "not a delta artifact" in not_delta.output
     no_model = run("compress", empty, FT, tmp_path / "y")
     assert no_model.exit_code == 1 and "no model weights" in no_model.output
-    calib = run("compress", BASE, FT, tmp_path / "z", "--calib", 4)
-    assert calib.exit_code == 2 and "--calib-file" in calib.output
+    calib_file_alone = run("compress", BASE, FT, tmp_path / "z", "--calib-file", BASE / "config.json")
+    assert calib_file_alone.exit_code == 2 and "--calib N" in calib_file_alone.output
     bad_pair = run("eval", BASE, out, "--pair", "nope")
     assert bad_pair.exit_code == 2 and "unknown pair" in bad_pair.output
 
@@ -127,7 +127,17 @@ def test_compress_calibrated_from_text_file(tmp_path):
     assert result.exit_code == 0, result.output
     doc = read_delta_config(out)
     assert doc["calibrated"] is True and doc["user"]["calibration_windows"] == 4
+    assert doc["user"]["calibration_source"] == str(text)
     assert "wrote" in result.stdout
+
+
+def test_compress_calibrated_on_the_default_corpus(tmp_path):
+    """--calib without --calib-file draws its windows from the zoo's corpus (Python source)."""
+    out = tmp_path / "gptq-default"
+    result = run("compress", BASE, FT, out, "--calib", 2, "--calib-len", 32, "--quiet")
+    assert result.exit_code == 0, result.output
+    doc = read_delta_config(out)
+    assert doc["calibrated"] is True and doc["user"]["calibration_source"].startswith("zoo corpus")
 
 
 def test_help_and_version():
