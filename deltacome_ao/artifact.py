@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 
 from .allocate import FP16_BITS, SUPPORTED_BITS
 from .bitdelta_tensor import BitDeltaTensor
-from .config import BaseWeights, DeltaCoMeConfig
+from .config import BaseWeights, DeltaCoMeConfig, _few
 from .mixed_precision_delta_tensor import MixedPrecisionDeltaTensor
 from .packing import packed_nbytes
 
@@ -326,11 +326,6 @@ def _compare_base(fp: Mapping, tensors: Mapping[str, torch.Tensor], model_type: 
     return problems
 
 
-def _few(items, k: int = 4) -> str:
-    items = list(items)
-    return ", ".join(items[:k]) + (f", ... (+{len(items) - k})" if len(items) > k else "")
-
-
 # --- save ------------------------------------------------------------------------------------------
 
 
@@ -429,34 +424,48 @@ def save_delta(
         kept.update({k: v for k, v in state.items() if k not in entries and k not in kept})
         model_type = weights.model_type or getattr(getattr(model, "config", None), "model_type", None)
         fingerprint = _fingerprint_of_entries(entries, model_type, complete=True)
+    _write_artifact(
+        out, tensors, kept, layers={name: layer_spec(w) for name, w in layers.items()}, aliases=dict(model_aliases),
+        fingerprint=fingerprint, config=config,
+        model_dtype=next((p.dtype for p in model.parameters()), torch.float32), model_config=_model_config(model),
+        metadata=metadata, overwrite=overwrite,
+    )
+    return out
+
+
+def _write_artifact(out: Path, tensors: dict, kept: Mapping[str, torch.Tensor], *, layers: Mapping[str, dict],
+                    aliases: Mapping[str, str], fingerprint: dict, config: Optional[DeltaCoMeConfig],
+                    model_dtype: torch.dtype, model_config: Optional[dict], metadata: Optional[Mapping[str, Any]],
+                    overwrite: bool) -> dict:
+    """The end both writers share (`save_delta`, `streaming.compress_streaming`): `tensors` (the
+    compressed layers' inner tensors) plus `kept`, and `delta_config.json` built from `layers`
+    (`layer_spec` per layer, in module order), written atomically. Returns the document."""
     clash = [k for k in kept if SEP in k]
     if clash:
         raise ValueError(f"tensor names may not contain {SEP!r}: {_few(clash)}")
     tensors.update({k: v.detach().contiguous() for k, v in kept.items()})
-    aliases = dict(model_aliases)  # tied in the fine-tuned model: tied again on load
 
     import deltacome_ao
 
-    delta_bytes = sum(w.delta_nbytes() for w in layers.values())
-    kept_bytes = sum(v.numel() * v.element_size() for v in kept.values())
     document = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "library": "deltacome_ao",
         "library_version": deltacome_ao.__version__,
         **_method_fields(config),
-        "model_dtype": _dtype_name(next((p.dtype for p in model.parameters()), torch.float32)),
-        "layers": {name: layer_spec(w) for name, w in layers.items()},
+        "model_dtype": _dtype_name(model_dtype),
+        "layers": dict(layers),
         "kept": sorted(kept),
-        "aliases": aliases,
-        "bytes": {"compressed": delta_bytes, "kept": kept_bytes},
+        "aliases": dict(aliases),  # tied in the fine-tuned model: tied again on load
+        "bytes": {"compressed": sum(spec["delta_bytes"] for spec in layers.values()),
+                  "kept": sum(v.numel() * v.element_size() for v in kept.values())},
         "base_fingerprint": fingerprint,
-        "model_config": _model_config(model),
+        "model_config": model_config,
         "user": dict(metadata) if metadata is not None else None,
     }
     text = json.dumps(document, indent=2, sort_keys=False) + "\n"  # fails here, before any write, if not JSON-able
     _atomic_write_dir(out, lambda tmp: _write(tmp, tensors, text), overwrite)
-    return out
+    return document
 
 
 def _write(tmp: Path, tensors: dict, text: str):

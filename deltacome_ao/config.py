@@ -34,13 +34,43 @@ __all__ = ["DeltaCoMeConfig", "deltacome_config", "BaseWeights", "METHODS", "del
 METHODS = ("deltacome", "single", "lowrank", "bitdelta")
 
 
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def _few(items, k: int = 4) -> str:
+    """The first `k` items for an error message, and how many more there are."""
+    items = list(items)
+    return ", ".join(items[:k]) + (f", ... (+{len(items) - k})" if len(items) > k else "")
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a `save_pretrained` directory: the shards its
+    `model.safetensors.index.json` lists, else `model.safetensors`, else every `*.safetensors`
+    file; [] when there is none."""
+    index = model_dir / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index}: not a safetensors index ({e})") from None
+        files = [model_dir / f for f in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{model_dir}: shard(s) listed in {INDEX_NAME} are missing: {_few(missing)}")
+        return files
+    if (model_dir / "model.safetensors").is_file():
+        return [model_dir / "model.safetensors"]
+    return sorted(model_dir.glob("*.safetensors"))
+
+
 class BaseWeights:
     """Read-only access to the base model's tensors by name, from an `nn.Module`, a state dict, or
-    a local directory of (possibly sharded) safetensors files. A directory is read lazily, one
-    tensor at a time."""
+    a local directory of (possibly sharded) safetensors files (`files`). A directory is read
+    lazily, one tensor at a time."""
 
     def __init__(self, source: Any):
         self.model_type: str | None = None
+        self.files: list[Path] = []
         self._files: dict[str, Path] = {}
         self._tensors: dict[str, torch.Tensor] = {}
         if isinstance(source, torch.nn.Module):
@@ -51,13 +81,13 @@ class BaseWeights:
             self._tensors = source
         elif isinstance(source, (str, Path)):
             path = Path(source)
-            files = sorted(path.glob("*.safetensors")) if path.is_dir() else []
-            if not files:
+            self.files = safetensors_files(path) if path.is_dir() else []
+            if not self.files:
                 raise FileNotFoundError(
                     f"base {str(source)!r} is not a directory with .safetensors files; pass an nn.Module, "
                     f"a state dict or a local directory saved with save_pretrained"
                 )
-            for f in files:
+            for f in self.files:
                 with safe_open(str(f), framework="pt") as handle:
                     for key in handle.keys():
                         self._files[key] = f

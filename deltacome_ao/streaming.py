@@ -21,7 +21,6 @@ selects, in checkpoint order, no ties).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import types
@@ -34,75 +33,46 @@ from tqdm.auto import tqdm
 
 from .artifact import (
     CONFIG_NAME,
-    FORMAT,
-    FORMAT_VERSION,
     SEP,
     WEIGHTS_NAME,
-    _atomic_write_dir,
-    _dtype_name,
     _entry,
     _few,
     _fingerprint_of_entries,
-    _method_fields,
     _model_config,
     _same,
-    _write,
+    _write_artifact,
     layer_spec,
 )
-from .config import BaseWeights, DeltaCoMeConfig
+from .config import BaseWeights, DeltaCoMeConfig, safetensors_files
 from .recipes import Recipe, recipe_for
 
 __all__ = ["compress_streaming", "CheckpointMismatchError", "checkpoint_files", "linear_weight_names"]
-
-INDEX_NAME = "model.safetensors.index.json"
-
 
 class CheckpointMismatchError(ValueError):
     """The two checkpoints do not have the same architecture (names, shapes, model type)."""
 
 
 def checkpoint_files(model_dir: str | os.PathLike, role: str = "checkpoint") -> list[Path]:
-    """The safetensors files of a checkpoint directory: the shards its `model.safetensors.index.json`
-    lists, else `model.safetensors`, else every `*.safetensors` file."""
+    """The safetensors files of a checkpoint directory (`config.safetensors_files`), with errors
+    that name the checkpoint's role."""
     path = Path(model_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"{role} {str(model_dir)!r} is not a directory")
-    index = path / INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index}: not a safetensors index ({e})") from None
-        files = [path / f for f in dict.fromkeys(weight_map.values())]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise FileNotFoundError(f"{role} {path}: shard(s) listed in {INDEX_NAME} are missing: {_few(missing)}")
-        return files
-    if (path / "model.safetensors").is_file():
-        return [path / "model.safetensors"]
-    files = sorted(path.glob("*.safetensors"))
+    try:
+        files = safetensors_files(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{role} {e}") from None
     if not files:
         raise FileNotFoundError(f"{role} {path} holds no *.safetensors file; give a save_pretrained directory")
     return files
 
 
 class _Checkpoint(BaseWeights):
-    """`BaseWeights` over exactly the files of `checkpoint_files` (read lazily, one tensor at a time)."""
+    """`BaseWeights` over a checkpoint directory, whose errors name its role ("base", ...)."""
 
     def __init__(self, model_dir: str | os.PathLike, role: str):
-        from safetensors import safe_open
-
-        self.model_type = None
-        self._tensors = {}
-        self._files = {}
-        self.files = checkpoint_files(model_dir, role)
-        for f in self.files:
-            with safe_open(str(f), framework="pt") as handle:
-                for key in handle.keys():
-                    self._files[key] = f
-        config = Path(model_dir) / "config.json"
-        self.config_dict = json.loads(config.read_text()) if config.is_file() else None
-        self.model_type = (self.config_dict or {}).get("model_type")
+        checkpoint_files(model_dir, role)
+        super().__init__(Path(model_dir))
 
 
 def linear_weight_names(names, recipe: Recipe, shapes: Mapping[str, tuple] | None = None) -> list[str]:
@@ -313,33 +283,14 @@ def compress_streaming(
             entries[key] = _entry(base[key])
     # `layers` in module order, as compressed_layers(model) lists them
     layers = {k[: -len(".weight")]: layers[k[: -len(".weight")]] for k in compressed}
-    clash = [k for k in kept if SEP in k]
-    if clash:
-        raise ValueError(f"tensor names may not contain {SEP!r}: {_few(clash)}")
-    tensors.update(kept)
-
-    import deltacome_ao
-
-    delta_bytes = sum(spec["delta_bytes"] for spec in layers.values())
-    kept_bytes = sum(v.numel() * v.element_size() for v in kept.values())
     model_type = base.model_type or ft.model_type
-    document = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "library": "deltacome_ao",
-        "library_version": deltacome_ao.__version__,
-        **_method_fields(config),
-        "model_dtype": _dtype_name(model_dtype if model_dtype is not None else torch.float32),
-        "layers": layers,
-        "kept": sorted(kept),
-        "aliases": dict(aliases),
-        "bytes": {"compressed": delta_bytes, "kept": kept_bytes},
-        "base_fingerprint": _fingerprint_of_entries(entries, model_type, complete=True),
-        "model_config": _model_config(types.SimpleNamespace(config=model_config)) if model_config is not None else None,
-        "user": dict(metadata) if metadata is not None else None,
-    }
-    text = json.dumps(document, indent=2, sort_keys=False) + "\n"
-    _atomic_write_dir(out, lambda tmp: _write(tmp, tensors, text), overwrite)
+    document = _write_artifact(
+        out, tensors, kept, layers=layers, aliases=aliases,
+        fingerprint=_fingerprint_of_entries(entries, model_type, complete=True), config=config,
+        model_dtype=model_dtype if model_dtype is not None else torch.float32,
+        model_config=_model_config(types.SimpleNamespace(config=model_config)) if model_config is not None else None,
+        metadata=metadata, overwrite=overwrite,
+    )
     del tensors, kept
     return {
         "out_dir": str(out),
@@ -347,8 +298,8 @@ def compress_streaming(
         "compressed": len(layers),
         "kept": len(document["kept"]),
         "bytes_in": sum(p.stat().st_size for p in base.files + ft.files),
-        "bytes_compressed": delta_bytes,
-        "bytes_kept": kept_bytes,
+        "bytes_compressed": document["bytes"]["compressed"],
+        "bytes_kept": document["bytes"]["kept"],
         "artifact_bytes": sum(p.stat().st_size for p in out.iterdir() if p.is_file()),
         "files": {"delta": WEIGHTS_NAME, "config": CONFIG_NAME},
         "seconds": time.perf_counter() - start,
