@@ -17,16 +17,16 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
-import tempfile
 import time
+from fractions import Fraction
 from importlib.metadata import version
 from pathlib import Path
 
 import torch
 from torchao import quantize_
 
+from deltacome_ao.compare import write_text_atomic
 from deltacome_ao.config import DeltaCoMeConfig
 from deltacome_ao.harness import harness_eval
 from deltacome_ao.pairs import PAIRS, ZOO, load_pair
@@ -43,28 +43,11 @@ def _quality_accuracy(pair: str, alpha: float, problems: int):
     if q.get("n_problems") != problems or pair not in q["pairs"]:
         return None
     for r in q["pairs"][pair]["rows"]:
-        if r["variant"] == "deltacome" and r["alpha"] and abs(eval_fraction(r["alpha"]) - alpha) < 1e-12:
+        if r["variant"] == "deltacome" and r["alpha"] and abs(float(Fraction(r["alpha"])) - alpha) < 1e-12:
             return r.get("accuracy")
     return None
 
 
-def eval_fraction(text: str) -> float:
-    num, _, den = text.partition("/")
-    return float(num) / float(den or 1)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Atomic: a temporary file in the same directory, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['pair']:<13} {r['model']:<28} {r['task_accuracy']:>13.3f} {r['lm_eval_accuracy']:>13.3f} "
               f"{q:>10} {'yes' if r['equal'] else 'NO':>6}")
 
-    _write_json(args.json, {
+    write_text_atomic(args.json, json.dumps({
         "pairs": args.pairs,
         "alpha": args.alpha,
         "method": "deltacome (RTN)",
@@ -122,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "versions": {p: version(p) for p in ("lm_eval", "transformers", "torch", "torchao")},
         "command": " ".join(["python benchmarks/lm_eval_check.py", *(sys.argv[1:] if argv is None else argv)]),
-    })
+    }, indent=2) + "\n")
     print(f"wrote {args.json}")
     return 0 if all(r["equal"] for r in rows) else 1
 

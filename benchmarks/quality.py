@@ -35,7 +35,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
-from deltacome_ao.compare import VARIANTS, _row, compress_variant
+from deltacome_ao.compare import VARIANTS, _row, compress_variant, write_text_atomic
 from deltacome_ao.bitdelta_tensor import BitDeltaTensor
 from deltacome_ao.mixed_precision_delta_tensor import BudgetTooSmallError, MixedPrecisionDeltaTensor
 from deltacome_ao.pairs import PAIRS, ZOO, load_pair
@@ -339,14 +339,6 @@ def markdown(results: dict, command: str) -> str:
     return "\n".join(parts)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="CI mode: llama-arith, alpha 1/16, 100 problems")
@@ -382,12 +374,12 @@ def main(argv=None) -> None:
         print(f"\n**{pair}** ({entry['arch']}, {entry['task']})\n\n{table(entry)}")
     print(f"\n{results['seconds']:.0f} s\n\n{claims_markdown(results)}")
     if not args.replot:
-        _write_atomic(out, json.dumps(results, indent=1))
+        write_text_atomic(out, json.dumps(results, indent=1))
         print(f"wrote {out}")
     if args.docs if args.docs is not None else (args.replot or not args.quick):
         for path in plots(results, ROOT / "docs" / "img"):
             print(f"wrote {path}")
-        _write_atomic(ROOT / "docs" / "quality.md", markdown(results, command))
+        write_text_atomic(ROOT / "docs" / "quality.md", markdown(results, command))
         print(f"wrote {ROOT / 'docs' / 'quality.md'}")
 
 

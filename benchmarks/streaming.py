@@ -49,6 +49,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+from deltacome_ao.compare import write_text_atomic  # noqa: E402
+
 HIDDEN, MLP, HEADS, VOCAB = 4096, 11008, 32, 32000
 RANK, DECAY = 64, 16.0
 PROJ = {  # name: (out_features, in_features)
@@ -266,17 +268,6 @@ def check_error(args, layer_ids) -> list[dict]:
     return rows
 
 
-def _write_atomic(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def _shape_rows(per_matrix: list[dict]) -> list[dict]:
     groups: dict[str, list[float]] = {}
     for row in per_matrix:
@@ -340,7 +331,7 @@ def run(args) -> dict:
     }
     name = "streaming-7b.json" if args.layers == 32 else f"streaming-7b-{args.layers}layers.json"
     path = Path(args.results) if args.results else REPO / "benchmarks" / "results" / name
-    _write_atomic(path, json.dumps(result, indent=1) + "\n")
+    write_text_atomic(path, json.dumps(result, indent=1) + "\n")
     print(markdown(result))
     print(f"\nwrote {path}")
     return result
@@ -371,7 +362,7 @@ def load_check(args) -> dict:
     if path.is_file():
         result = json.loads(path.read_text())
         result["load_check"] = check
-        _write_atomic(path, json.dumps(result, indent=1) + "\n")
+        write_text_atomic(path, json.dumps(result, indent=1) + "\n")
     print(f"load_delta onto the whole base: {check}")
     return check
 

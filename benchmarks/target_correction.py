@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
+from fractions import Fraction
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -22,7 +22,7 @@ import torch
 from torchao import quantize_
 
 from deltacome_ao import DeltaCoMeConfig
-from deltacome_ao.compare import _row, calibration_batches
+from deltacome_ao.compare import _row, calibration_batches, write_text_atomic
 from deltacome_ao.pairs import PAIRS, ZOO, load_pair
 
 OUT = Path(__file__).resolve().parent / "results" / "target-correction.json"
@@ -42,7 +42,7 @@ def main() -> None:
                     model = copy.deepcopy(ft)
                     with torch.no_grad():
                         quantize_(model, DeltaCoMeConfig(
-                            base=base, alpha=1 / int(alpha.split("/")[1]), allocation=allocation,
+                            base=base, alpha=float(Fraction(alpha)), allocation=allocation,
                             calibration=calibration, target_correction=correction, progress=False))
                     got[correction] = _row("", model, ft, task, batches, 200)
                 rows.append({"pair": pair, "alpha": alpha, "allocation": allocation,
@@ -51,11 +51,7 @@ def main() -> None:
                 r = rows[-1]
                 print(f"| {pair} | {alpha} | {allocation} | {r['accuracy'][0]:.1%} → {r['accuracy'][1]:.1%} | "
                       f"{r['kl'][0]:.4f} → {r['kl'][1]:.4f} |", flush=True)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=OUT.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump({"command": "python benchmarks/target_correction.py", "rows": rows}, f, indent=1)
-    os.replace(tmp, OUT)
+    write_text_atomic(OUT, json.dumps({"command": "python benchmarks/target_correction.py", "rows": rows}, indent=1))
     print(f"wrote {OUT}")
 
 

@@ -27,7 +27,7 @@ from .config import DeltaCoMeConfig, delta_report
 from .evaluate import kl_divergence, perplexity
 from .pairs import PAIRS, load_pair
 
-__all__ = ["compare", "compress_variant", "format_table", "calibration_batches", "VARIANTS"]
+__all__ = ["compare", "compress_variant", "format_table", "calibration_batches", "write_text_atomic", "VARIANTS"]
 
 # name -> (label, DeltaCoMeConfig fields); "calibrated" rows get GPTQ calibration on training problems.
 VARIANTS = {
@@ -111,12 +111,23 @@ def format_table(rows: list[dict], title: str = "") -> str:
     return "\n".join(lines)
 
 
-def _write_json_atomic(path: Path, payload) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` through a synced temporary file in the same directory and `os.replace`,
+    so a reader never sees half a file (results JSON, generated docs)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def main(argv=None) -> None:
@@ -133,7 +144,7 @@ def main(argv=None) -> None:
     title = f"{args.pair}, alpha = {args.alpha:g} ({time.perf_counter() - start:.0f} s on {torch.get_num_threads()} threads)"
     print(format_table(rows, title))
     if args.json:
-        _write_json_atomic(args.json, {"pair": args.pair, "alpha": args.alpha, "rows": rows})
+        write_text_atomic(args.json, json.dumps({"pair": args.pair, "alpha": args.alpha, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
