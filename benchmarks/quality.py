@@ -35,10 +35,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
-from deltacome_ao.compare import VARIANTS, _row, compress_variant, write_text_atomic
+from deltacome_ao.evaluation.compare import VARIANTS, compress_variant, measure_row, write_text_atomic
 from deltacome_ao.bitdelta_tensor import BitDeltaTensor
 from deltacome_ao.mixed_precision_delta_tensor import BudgetTooSmallError, MixedPrecisionDeltaTensor
-from deltacome_ao.pairs import PAIRS, ZOO, load_pair
+from deltacome_ao.evaluation.pairs import PAIRS, ZOO, load_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("lowrank", "bitdelta", "single", "deltacome", "deltacome-gptq", "deltacome-optimal", "deltacome-optimal-gptq")
@@ -139,7 +139,7 @@ def run(pairs, alphas, methods, n_problems: int, progress: bool) -> dict:
         names = None
         entry = {"arch": finetuned.config.model_type, "task": type(task).__name__, "rows": []}
         for ref_label, ref in (("base", base), ("fine-tuned", finetuned)):
-            entry["rows"].append({"alpha": None, "variant": ref_label, **_row(ref_label, ref, finetuned, task, batches, n_problems)})
+            entry["rows"].append({"alpha": None, "variant": ref_label, **measure_row(ref_label, ref, finetuned, task, batches, n_problems)})
         for alpha_text in alphas:
             alpha = float(Fraction(alpha_text))
             for name in methods:
@@ -155,7 +155,7 @@ def run(pairs, alphas, methods, n_problems: int, progress: bool) -> dict:
                              if isinstance(getattr(m, "weight", None), COMPRESSED) and _layer_index(n) is not None]
                     inputs = layer_inputs(finetuned, batches["task"], names)
                     entry["spectra"] = spectra(finetuned, base, names)
-                row = _row(VARIANTS[name][0], model, finetuned, task, batches, n_problems, nbytes, bits, seconds)
+                row = measure_row(VARIANTS[name][0], model, finetuned, task, batches, n_problems, (nbytes, bits), seconds)
                 row.update(alpha=alpha_text, variant=name, activation_error=activation_errors(model, finetuned, base, inputs))
                 sample = names[len(names) // 2]
                 row["widths_sample"] = {"layer": sample, "widths": widths(dict(model.named_modules())[sample].weight)}

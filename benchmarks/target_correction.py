@@ -22,8 +22,8 @@ import torch
 from torchao import quantize_
 
 from deltacome_ao import DeltaCoMeConfig
-from deltacome_ao.compare import _row, calibration_batches, write_text_atomic
-from deltacome_ao.pairs import PAIRS, ZOO, load_pair
+from deltacome_ao.evaluation.compare import calibration_batches, measure_row, write_text_atomic
+from deltacome_ao.evaluation.pairs import PAIRS, ZOO, load_pair
 
 OUT = Path(__file__).resolve().parent / "results" / "target-correction.json"
 
@@ -44,7 +44,7 @@ def main() -> None:
                         quantize_(model, DeltaCoMeConfig(
                             base=base, alpha=float(Fraction(alpha)), allocation=allocation,
                             calibration=calibration, target_correction=correction, progress=False))
-                    got[correction] = _row("", model, ft, task, batches, 200)
+                    got[correction] = measure_row("", model, ft, task, batches, 200)
                 rows.append({"pair": pair, "alpha": alpha, "allocation": allocation,
                              "accuracy": [got[False]["accuracy"], got[True]["accuracy"]],
                              "kl": [got[False]["kl"], got[True]["kl"]]})

@@ -1,16 +1,60 @@
-"""deltacome_ao: one base model + a small mixed-precision SVD delta per fine-tune, on torchao."""
+"""deltacome_ao: one base model + a small compressed delta per fine-tune, on torchao.
 
-from . import kernels  # noqa: F401  (registers the Triton kernels as the CUDA implementation of the op)
-from .allocate import Band
-from .bitdelta_tensor import BitDeltaTensor
-from .config import DeltaCoMeConfig, delta_report, deltacome_config
-from .mixed_precision_delta_tensor import MixedPrecisionDeltaTensor
-from .artifact import DeltaCoMeModel, delta_size, load_delta, save_delta
-from . import hf  # noqa: F401  (registers quant_method "deltacome" with transformers)
-from .serving import MultiDeltaModel
+Importing the package is cheap: the public names below load their modules (torch, torchao,
+transformers) on first use. `import deltacome_ao.hf` (or using any public name) registers the
+`quant_method="deltacome"` loader with transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
-__all__ = [
-    "DeltaCoMeConfig", "MixedPrecisionDeltaTensor", "BitDeltaTensor", "deltacome_config", "delta_report", "Band",
-    "DeltaCoMeModel", "save_delta", "load_delta", "delta_size", "MultiDeltaModel",
-]
+
+# public name -> module that defines it
+_PUBLIC = {
+    "DeltaCoMeConfig": "config",
+    "deltacome_config": "config",
+    "compress_": "compress",
+    "delta_report": "compress",
+    "compressed_layers": "compress",
+    "DeltaTensor": "delta_tensor",
+    "MixedPrecisionDeltaTensor": "mixed_precision_delta_tensor",
+    "BitDeltaTensor": "bitdelta_tensor",
+    "PackedFactors": "factors",
+    "Band": "allocate",
+    "register_method": "methods",
+    "get_method": "methods",
+    "method_names": "methods",
+    "register_recipe": "recipes",
+    "Recipe": "recipes",
+    "DeltaCoMeModel": "artifact",
+    "save_delta": "artifact",
+    "load_delta": "artifact",
+    "delta_size": "artifact",
+    "DeltaFormatError": "format",
+    "BaseMismatchError": "fingerprint",
+    "CheckpointMismatchError": "checkpoint",
+    "MultiDeltaModel": "serving",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def _load_core() -> None:
+    """Import what registers itself: the built-in methods, the CUDA kernels, the HF quantizer."""
+    for name in ("methods", "kernels", "config", "hf"):
+        importlib.import_module(f"{__name__}.{name}")
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    _load_core()
+    value = getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))

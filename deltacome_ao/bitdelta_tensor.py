@@ -1,24 +1,23 @@
 """BitDelta baseline: `W_base + scale · sign(D)`, the sign packed at 1 bit, one fp32 scale per matrix.
 
-The scale is BitDelta's initialisation, mean |D| (the L2-optimal scale for a sign matrix); the
-optional distillation step of the BitDelta paper is not part of this baseline.
+The scale is BitDelta's initialisation, mean |D| (the L2-optimal scale for a sign matrix; BitDelta,
+arXiv 2402.10193 §3.1); the optional distillation step of the paper is not part of this baseline.
+Registered as method "bitdelta" at the end of this file.
 """
 
 from __future__ import annotations
 
 import torch
-from torchao.utils import TorchAOBaseTensor
 
 from .decompose import weight_delta
-from .mixed_precision_delta_tensor import copy_to
-from .packing import pack_rows, unpack_rows
+from .delta_tensor import DeltaTensor
+from .methods import register_method
+from .packing import pack_rows, packed_nbytes, unpack_rows
 
 __all__ = ["BitDeltaTensor"]
 
-aten = torch.ops.aten
 
-
-class BitDeltaTensor(TorchAOBaseTensor):
+class BitDeltaTensor(DeltaTensor):
     """Tensor data: `base_weight` (out, in), `sign_packed` flat uint8 (1 bit per entry, rows padded to
     8), `scale` (1,) fp32. No attributes."""
 
@@ -36,45 +35,37 @@ class BitDeltaTensor(TorchAOBaseTensor):
 
     @classmethod
     def from_hp(cls, finetuned: torch.Tensor, base: torch.Tensor, name: str = "weight") -> "BitDeltaTensor":
+        """Sign and mean |D| of `finetuned - base` (fp32 math). Raises ValueError on bad shapes / NaN."""
         delta = weight_delta(finetuned, base, name)
         bits = (delta > 0).to(torch.uint8)
         scale = delta.abs().mean().reshape(1)
         return cls(base.detach().clone().contiguous(), pack_rows(bits, 1).to(base.device), scale.to(base.device))
 
+    @classmethod
+    def delta_layout(cls, shape, attributes):
+        out_features, in_features = shape
+        return {"sign_packed": ((packed_nbytes(1, out_features, in_features),), torch.uint8),
+                "scale": ((1,), torch.float32)}
+
+    def describe(self) -> str:
+        return "sign+scale"
+
     def sign(self) -> torch.Tensor:
         out_features, in_features = self.base_weight.shape
         return unpack_rows(self.sign_packed, 1, out_features, in_features).float() * 2 - 1
 
-    def delta_nbytes(self) -> int:
-        return self.sign_packed.numel() + self.scale.numel() * 4
+    def delta_weight(self) -> torch.Tensor:
+        return self.scale * self.sign()
 
-    def bits_per_param(self) -> float:
-        return 8 * self.delta_nbytes() / self.base_weight.numel()
-
-    def dequantize(self, output_dtype: torch.dtype | None = None) -> torch.Tensor:
-        w = self.base_weight.float() + self.scale * self.sign()
-        return w.to(output_dtype or self.dtype)
+    def delta_term(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * (x.float() @ self.sign().T)
 
 
-implements = BitDeltaTensor.implements
-implements_torch_function = BitDeltaTensor.implements_torch_function
+def _compress(finetuned, base, config, *, name="weight", hessian=None):
+    return BitDeltaTensor.from_hp(finetuned, base, name=name)
 
 
-@implements(aten.linear.default)
-@implements_torch_function(torch.nn.functional.linear)
-def _(func, types, args, kwargs):
-    x, w = args[0], args[1]
-    bias = args[2] if len(args) > 2 else kwargs.get("bias")
-    y = torch.nn.functional.linear(x, w.base_weight.to(x.dtype)).float()
-    y = y + w.scale * (x.float() @ w.sign().T)
-    y = y.to(x.dtype)
-    return y if bias is None else y + bias
-
-
-@implements(aten._to_copy.default)
-def _(func, types, args, kwargs):
-    return copy_to(args[0], kwargs.get("device"), kwargs.get("dtype"))
-
+register_method("bitdelta", BitDeltaTensor, _compress, description="BitDelta: sign of the delta + one scale")
 
 BitDeltaTensor.__module__ = "deltacome_ao"
 torch.serialization.add_safe_globals([BitDeltaTensor])

@@ -18,14 +18,36 @@ Layers whose arguments differ between layers (e.g. alternating sliding-window ma
 
 from __future__ import annotations
 
+import sysconfig
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-__all__ = ["find_decoder_layers", "calibrated_weights"]
+__all__ = ["find_decoder_layers", "calibrated_weights", "STDLIB_CORPUS_FILES", "stdlib_text"]
+
+# A calibration text that exists wherever Python does: fixed files of its standard library (the
+# zoo's pre-training corpus). The CLI's default for `--calib` without `--calib-file`.
+STDLIB_CORPUS_FILES = (
+    "argparse.py", "ast.py", "bisect.py", "calendar.py", "collections/__init__.py",
+    "dataclasses.py", "enum.py", "fractions.py", "functools.py", "heapq.py",
+    "inspect.py", "json/__init__.py", "json/decoder.py", "json/encoder.py",
+    "pathlib.py", "random.py", "shutil.py", "statistics.py", "string.py",
+    "subprocess.py", "textwrap.py", "tokenize.py", "typing.py",
+)
+
+
+def stdlib_text(files: tuple[str, ...] = STDLIB_CORPUS_FILES) -> bytes:
+    """Concatenated bytes of the given standard-library files (sorted, so the order never varies).
+    Raises FileNotFoundError naming a file this Python does not ship."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    missing = [f for f in files if not (root / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{root} lacks {missing}; pass a calibration text file instead")
+    return b"\n".join((root / f).read_bytes() for f in sorted(files))
 
 
 class _StopForward(Exception):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import shutil
 from functools import wraps
@@ -43,13 +42,39 @@ def _user_errors(fn):
         except click.ClickException:
             raise
         except _USER_ERRORS as e:
-            from .artifact import BaseMismatchError, DeltaFormatError
+            from .fingerprint import BaseMismatchError
+            from .format import DeltaFormatError
 
             kind = {BaseMismatchError: "wrong base", DeltaFormatError: "bad delta artifact"}.get(type(e))
             message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
             raise click.ClickException(f"{kind}: {message}" if kind else str(message)) from None
 
     return wrapper
+
+
+class MethodName(click.ParamType):
+    """A registered compression method (`deltacome_ao.methods`), looked up only when used, so that
+    `deltacome --help` does not import torch."""
+
+    name = "method"
+
+    def _names(self) -> tuple[str, ...]:
+        from .methods import method_names
+
+        return method_names()
+
+    def get_metavar(self, param, ctx=None) -> str:
+        return "[" + "|".join(self._names()) + "]"
+
+    def convert(self, value, param, ctx):
+        if value in self._names():
+            return value
+        self.fail(f"{value!r} is not a registered method; choose from {', '.join(self._names())}", param, ctx)
+
+    def shell_complete(self, ctx, param, incomplete):
+        from click.shell_completion import CompletionItem
+
+        return [CompletionItem(n) for n in self._names() if n.startswith(incomplete)]
 
 
 _dir = click.Path(exists=True, file_okay=False, dir_okay=True, path_type=Path)
@@ -118,9 +143,10 @@ def text_windows(ids: list[int], n: int, seq_len: int, seed: int = 0):
 
 
 def _bands_text(spec: dict) -> str:
-    if spec["tensor"] == "BitDeltaTensor":
-        return "sign+scale"
-    return " ".join(f"{b}b×{c}" for b, c in zip(spec["bits"], spec["counts"])) or "(dropped)"
+    """The layer's structure as its tensor kind describes it (an empty weight of that structure)."""
+    from .format import shell
+
+    return shell(spec).describe()
 
 
 def _human(n: float) -> str:
@@ -173,7 +199,7 @@ def main():
 @click.argument("finetuned", type=_dir)
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--alpha", type=float, default=1 / 16, show_default="0.0625", help="delta bytes / fp16 bytes of each matrix")
-@click.option("--method", type=click.Choice(["deltacome", "single", "lowrank", "bitdelta"]), default="deltacome", show_default=True)
+@click.option("--method", type=MethodName(), default="deltacome", show_default=True)
 @click.option("--allocation", type=click.Choice(["paper", "optimal"]), default="paper", show_default=True,
               help="paper: 8/3/2-bit schedule; optimal: per-vector widths minimising the measured error")
 @click.option("--group-size", type=click.IntRange(min=1), default=128, show_default=True)
@@ -211,9 +237,9 @@ def compress(base, finetuned, out, alpha, method, allocation, group_size, calib,
         return
 
     import torch
-    from torchao import quantize_
 
     from .artifact import save_delta
+    from .compress import compress_
     from .config import DeltaCoMeConfig
 
     if calib_file is not None and not calib:
@@ -226,9 +252,9 @@ def compress(base, finetuned, out, alpha, method, allocation, group_size, calib,
     source = None
     if calib:
         if calib_file is None:  # the zoo's own corpus: Python source from the standard library
-            from .pairs import PRETRAIN_FILES, stdlib_text
+            from .calibrate import stdlib_text
 
-            text, source = stdlib_text(PRETRAIN_FILES).decode("utf-8", errors="replace"), "zoo corpus (Python stdlib)"
+            text, source = stdlib_text().decode("utf-8", errors="replace"), "zoo corpus (Python stdlib)"
         else:
             text, source = calib_file.read_text(encoding="utf-8", errors="replace"), str(calib_file)
         ids = encode_text(text, finetuned, model.config)
@@ -238,7 +264,7 @@ def compress(base, finetuned, out, alpha, method, allocation, group_size, calib,
         calibration=calibration, progress=not quiet,
     )
     with torch.no_grad():
-        quantize_(model, config)
+        compress_(model, config)
     save_delta(model, out, base=base_model, config=config, overwrite=overwrite,
                metadata={"base": str(base), "finetuned": str(finetuned), "calibration_windows": calib,
                          "calibration_source": source})
@@ -279,16 +305,16 @@ def _spectra(base: Path, delta: Path) -> dict:
     """{layer: (stored s, singular values of the reconstructed delta)}; checks the base first."""
     import torch
 
-    from .artifact import DeltaCoMeModel, compressed_layers
-    from .mixed_precision_delta_tensor import MixedPrecisionDeltaTensor
+    from .artifact import DeltaCoMeModel
+    from .compress import compressed_layers
 
     model = DeltaCoMeModel.from_pretrained(_load(base), delta)
     out = {}
     with torch.no_grad():
         for name, w in compressed_layers(model).items():
-            if isinstance(w, MixedPrecisionDeltaTensor) and w.s.numel():
-                u, s, v = w.delta_factors()
-                out[name] = (w.s.float().abs().sort(descending=True).values, torch.linalg.svdvals((u * s) @ v)[: s.numel()])
+            f = w.low_rank_factors()
+            if f is not None and f.rank:
+                out[name] = (f.s.float().abs().sort(descending=True).values, torch.linalg.svdvals(f.dense())[: f.rank])
     return out
 
 
@@ -313,16 +339,17 @@ def _plot(document: dict, png: Path, spectra: Optional[dict], title: str = ""):
         ax.bar(range(len(names)), counts, bottom=bottom, label=f"{bits}-bit" if bits < 16 else "fp16",
                color=colors(i / max(len(widths) - 1, 1)))
         bottom = [a + b for a, b in zip(bottom, counts)]
-    sign = [i for i, s in enumerate(layers.values()) if s["tensor"] == "BitDeltaTensor"]
-    if sign:
-        ax.bar(sign, [1] * len(sign), color="gray", label="sign + scale (BitDelta)")
+    unbanded = [i for i, s in enumerate(layers.values()) if "bits" not in s]
+    if unbanded:
+        kinds = sorted({_bands_text(s) for s in layers.values() if "bits" not in s})
+        ax.bar(unbanded, [1] * len(unbanded), color="gray", label=", ".join(kinds) + " (no singular vectors)")
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels([n.removeprefix("model.") for n in names], rotation=90, fontsize=7)
     ax.set_ylabel("singular vectors kept")
     alpha = document.get("alpha")
     ax.set_title(f"{title}: bit allocation per layer ({document.get('method')}"
                  + (f", alpha={alpha:g})" if isinstance(alpha, (int, float)) else ")"))
-    if widths or sign:
+    if widths or unbanded:
         ax.legend(fontsize=8)
     if spectra:
         ax = axes[1][0]
@@ -344,7 +371,7 @@ def _plot(document: dict, png: Path, spectra: Optional[dict], title: str = ""):
 @main.command("eval")
 @click.argument("base", type=_dir)
 @click.argument("delta", type=_dir)
-@click.option("--pair", help="a shipped pair (deltacome_ao.pairs): accuracy / KL / perplexity like compare.py")
+@click.option("--pair", help="a zoo pair (deltacome_ao.evaluation.pairs): accuracy / KL / perplexity like the main job")
 @click.option("--text-file", type=_file, help="other models: perplexity on this text file")
 @click.option("--finetuned", type=_dir, help="with --text-file: the fine-tuned model, for its perplexity and the KL")
 @click.option("--problems", type=click.IntRange(min=1), default=200, show_default=True, help="held-out problems (--pair)")
@@ -357,7 +384,7 @@ def eval_(base, delta, pair, text_file, finetuned, problems, seq_len, verify):
     import torch
 
     from .artifact import DeltaCoMeModel
-    from .config import delta_report
+    from .compress import delta_report
 
     if pair is None and text_file is None:
         info = base / "pair.json"
@@ -374,8 +401,8 @@ def eval_(base, delta, pair, text_file, finetuned, problems, seq_len, verify):
     bits = 8 * nbytes / max(sum(r["shape"][0] * r["shape"][1] for r in report), 1)
     torch.manual_seed(0)
     if pair is not None:
-        from .compare import _row, format_table
-        from .pairs import PAIRS, get_pair
+        from .evaluation.compare import format_table, measure_row
+        from .evaluation.pairs import PAIRS, get_pair
 
         if pair not in PAIRS:
             raise click.BadParameter(f"unknown pair {pair!r}; known: {', '.join(sorted(PAIRS))}", param_hint="--pair")
@@ -384,13 +411,13 @@ def eval_(base, delta, pair, text_file, finetuned, problems, seq_len, verify):
         batches = {"task": task.text_batches("task"), "python": task.text_batches("python")}
         with torch.no_grad():
             rows = [
-                _row("base", base_model, reference, task, batches, problems),
-                _row("fine-tuned", reference, reference, task, batches, problems),
-                _row(f"delta {delta.name}", model, reference, task, batches, problems, nbytes, bits),
+                measure_row("base", base_model, reference, task, batches, problems),
+                measure_row("fine-tuned", reference, reference, task, batches, problems),
+                measure_row(f"delta {delta.name}", model, reference, task, batches, problems, (nbytes, bits)),
             ]
         click.echo(format_table(rows, f"{pair}: {delta}"))
         return
-    from .evaluate import kl_divergence, perplexity
+    from .evaluation.metrics import kl_divergence, perplexity
 
     ids = encode_text(text_file.read_text(encoding="utf-8", errors="replace"), base, base_model.config)
     windows = text_windows(ids, 0, seq_len)
@@ -421,7 +448,8 @@ def merge(base, delta, out, dtype, overwrite):
     import torch
     from tqdm.auto import tqdm
 
-    from .artifact import DeltaCoMeModel, compressed_layers
+    from .artifact import DeltaCoMeModel
+    from .compress import compressed_layers
 
     if out.exists():
         if not overwrite:

@@ -14,7 +14,7 @@ The checkpoint is a standalone model: each compressed weight is stored as its in
 bands, group size). On load the quantizer puts an empty tensor-subclass shell of exactly that
 structure in place of each listed `nn.Linear` weight before any tensor is read, checks that the
 checkpoint holds every inner tensor of every listed layer (and no others), and rebuilds each weight
-from its inner tensors with `artifact.assemble` (shapes and dtypes checked). Nothing is left at its
+from its inner tensors with `format.assemble` (shapes and dtypes checked). Nothing is left at its
 random init: a listed layer that was not rebuilt is an error.
 
 Why not transformers' `TorchAoConfig`: its quantizer knows only torchao's own inner-tensor names
@@ -40,23 +40,21 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.quantizers_utils import get_module_from_name
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .artifact import (
-    COMPRESSED,
-    FORMAT_VERSION,
-    INNER_NAMES,
-    SEP,
-    TENSOR_CLASSES,
-    DeltaFormatError,
-    _check_spec,
-    _method_fields,
-    _weight_key,
-    assemble,
-    compressed_layers,
-    flatten_state_dict,
-    layer_spec,
-    shell,
-)
+from .compress import compressed_layers
 from .config import DeltaCoMeConfig
+from .delta_tensor import DeltaTensor
+from .format import (
+    FORMAT_VERSION,
+    SEP,
+    DeltaFormatError,
+    assemble,
+    check_spec,
+    flatten_state_dict,
+    method_fields,
+    shell,
+    stored_names,
+)
+from .methods import tensor_kinds
 
 __all__ = ["QUANT_METHOD", "DeltaCoMeHfConfig", "DeltaCoMeHfQuantizer", "enable_save_pretrained", "save_pretrained"]
 
@@ -66,7 +64,7 @@ QUANT_METHOD = "deltacome"
 class DeltaCoMeHfConfig(QuantizationConfigMixin):
     """`quantization_config` of a compressed checkpoint (stored in `config.json`).
 
-    modules: {module name: layer structure} (`artifact.layer_spec`) for every compressed layer.
+    modules: {module name: layer structure} (`DeltaTensor.spec()`) for every compressed layer.
     method / alpha / group_size / allocation / calibrated: how it was compressed, when known.
     """
 
@@ -98,7 +96,7 @@ class DeltaCoMeHfConfig(QuantizationConfigMixin):
         self.allocation, self.calibrated = allocation, calibrated
         self.modules = {name: dict(spec) for name, spec in (modules or {}).items()}
         for name, spec in self.modules.items():
-            _check_spec(spec, name)
+            check_spec(spec, name)
         unknown = set(kwargs) - {"quant_method"}
         if unknown:  # written by a newer release of the same format version: informational only
             warnings.warn(f"quantization_config: ignoring unknown fields {sorted(unknown)}", stacklevel=2)
@@ -107,8 +105,8 @@ class DeltaCoMeHfConfig(QuantizationConfigMixin):
     def from_model(cls, model: torch.nn.Module, config: Optional[DeltaCoMeConfig] = None) -> "DeltaCoMeHfConfig":
         layers = compressed_layers(model)
         if not layers:
-            raise ValueError("the model has no compressed layer; run quantize_(model, DeltaCoMeConfig(base=...)) first")
-        return cls(modules={name: layer_spec(w) for name, w in layers.items()}, **_method_fields(config))
+            raise ValueError("the model has no compressed layer; run compress_(model, DeltaCoMeConfig(base=...)) first")
+        return cls(modules={name: w.spec() for name, w in layers.items()}, **method_fields(config))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -161,7 +159,12 @@ class DeltaCoMeHfQuantizer(HfQuantizer):
     """Loads (and saves) checkpoints whose `quantization_config.quant_method` is "deltacome"."""
 
     requires_calibration = True  # only pre-compressed checkpoints: compression needs the base model
-    serialized_names = {"weight": [f"weight{SEP}{n}" for n in INNER_NAMES]}
+
+    @property
+    def serialized_names(self) -> dict[str, list[str]]:
+        """The stored names of every registered tensor kind's inner tensors (`weight:<inner>`)."""
+        inner = dict.fromkeys(n for cls in tensor_kinds().values() for n in cls.tensor_data_names)
+        return {"weight": [f"weight{SEP}{n}" for n in inner]}
 
     def __init__(self, quantization_config: DeltaCoMeHfConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
@@ -199,11 +202,7 @@ class DeltaCoMeHfQuantizer(HfQuantizer):
                 raise DeltaFormatError(f"{path}: deltacome checkpoints are safetensors files only")
             with safe_open(str(path), framework="pt") as f:
                 keys.update(k for k in f.keys() if SEP in k)
-        expected = {
-            f"{_weight_key(name)}{SEP}{inner}"
-            for name, spec in self.quantization_config.modules.items()
-            for inner in TENSOR_CLASSES[spec["tensor"]].tensor_data_names
-        }
+        expected = stored_names(self.quantization_config.modules, with_base=True)
         missing, extra = sorted(expected - keys), sorted(keys - expected)
         if missing or extra:
             raise DeltaFormatError(
@@ -217,7 +216,7 @@ class DeltaCoMeHfQuantizer(HfQuantizer):
             raise RuntimeError(f"compressed layers not loaded from the checkpoint (would be uninitialised): {left[:4]}")
         for name in self.quantization_config.modules:
             w = model.get_submodule(name).weight
-            if not isinstance(w, COMPRESSED) or any(getattr(w, n).device.type == "meta" for n in w.tensor_data_names):
+            if not isinstance(w, DeltaTensor) or any(getattr(w, n).device.type == "meta" for n in w.tensor_data_names):
                 raise RuntimeError(f"{name}: the compressed weight was not loaded")
         # Our converter is not a model weight conversion: get_state_dict_and_metadata already writes
         # the stored form, so saving must not try to revert it.
@@ -240,7 +239,7 @@ class DeltaCoMeHfQuantizer(HfQuantizer):
     def get_state_dict_and_metadata(self, model):
         layers = compressed_layers(model)
         config = self.quantization_config
-        config.modules = {name: layer_spec(w) for name, w in layers.items()}  # config.json is written after this
+        config.modules = {name: w.spec() for name, w in layers.items()}  # config.json is written after this
         model.config.quantization_config = config
         return flatten_state_dict(model.state_dict()), {"deltacome_format_version": str(FORMAT_VERSION)}
 

@@ -1,77 +1,50 @@
-"""The `deltacome::delta_linear` operator: `x @ W_base.T + ((x @ V̂.T) * s) @ Û.T`.
+"""Stage 5: the `deltacome::` operators — the one place where `PackedFactors` travel flat.
 
-Registered with `torch.library` so `torch.compile(fullgraph=True)` treats it as one opaque node.
-The implementation here is the reference path (any device): it unpacks the factors and runs three
-matmuls, never forming the dense delta. `deltacome_ao.kernels` registers the fused Triton kernel
-for CUDA on the same operator; nothing here depends on it.
+    delta_linear(x, base_weight, <factors>)            x W_baseᵀ + ((x V̂ᵀ) · s) Ûᵀ
+    delta_only_linear(x, <7 tensors>, bits, counts, out, in, group_size)
+                                                       ((x V̂ᵀ) · s) Ûᵀ (the base is a quantized subclass)
+    segmented_delta_linear(y, x, rows, <n factors>)    y with each delta's term added on its rows
+
+`<factors>` is `PackedFactors.op_args()`: the seven tensors, bits, counts, group_size. They are
+registered with `torch.library`, so `torch.compile(fullgraph=True)` treats each as one opaque node.
+The implementations here are the reference path (any device): they unpack the factors and run small
+matmuls in fp32, never forming the dense delta. `deltacome_ao.kernels` registers Triton kernels for
+CUDA on the same operators; nothing here depends on them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .allocate import FP16_BITS
-from .packing import band_offsets, unpack_rows
-from .quantize import dequantize_codes
+from .factors import TENSOR_NAMES, PackedFactors, low_rank_term
 
-__all__ = ["dequantize_factor", "dequantize_factors", "low_rank_term", "delta_linear", "delta_linear_reference",
-           "delta_only_linear"]
+__all__ = ["delta_linear", "delta_only_linear", "delta_linear_reference", "segmented_delta_linear",
+           "segmented_delta", "segmented_reference", "segmented_delta_linear_reference", "unflatten_segments", "low_rank_term"]
 
-
-def dequantize_factor(packed, scale, zero, bits, counts, length: int, group_size: int) -> torch.Tensor:
-    """All bands of one factor (V̂ as (r, in) or Ûᵀ as (r, out)), fp32."""
-    rows, q_row = [], 0
-    for b, c, (start, end) in zip(bits, counts, band_offsets(bits, counts, length)):
-        codes = unpack_rows(packed[start:end], b, c, length)
-        if b == FP16_BITS:
-            rows.append(codes.float())
-            continue
-        rows.append(dequantize_codes(codes, scale[q_row:q_row + c], zero[q_row:q_row + c], b, group_size))
-        q_row += c
-    if not rows:
-        return torch.zeros(0, length, device=packed.device)
-    return torch.cat(rows)
+_N = len(TENSOR_NAMES)
 
 
-def dequantize_factors(out_features: int, in_features: int, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero,
-                       bits, counts, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(V̂ (r, in), Ûᵀ (r, out)) in fp32 for one compressed weight."""
-    v = dequantize_factor(v_packed, v_scale, v_zero, bits, counts, in_features, group_size)
-    ut = dequantize_factor(u_packed, u_scale, u_zero, bits, counts, out_features, group_size)
-    return v, ut
+def _factors(tensors, bits, counts, group_size, out_features, in_features) -> PackedFactors:
+    return PackedFactors(*tensors, bits=tuple(bits), counts=tuple(counts), group_size=group_size,
+                         out_features=out_features, in_features=in_features)
 
 
-def low_rank_term(x: torch.Tensor, v: torch.Tensor, ut: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """`((x V̂ᵀ) * s) Ûᵀ` in fp32: its inputs are tiny compared with the base output."""
-    return ((x.float() @ v.T) * s) @ ut
-
-
-def delta_linear_reference(x, base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s, bits, counts,
-                           group_size: int) -> torch.Tensor:
+def delta_linear_reference(x: torch.Tensor, base_weight: torch.Tensor, factors: PackedFactors) -> torch.Tensor:
     """The reference path of `delta_linear` (also the kernels' fallback for unsupported inputs)."""
-    v, ut = dequantize_factors(*base_weight.shape, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, bits, counts,
-                               group_size)
+    v, ut = factors.dequantize()
     y = torch.nn.functional.linear(x, base_weight.to(x.dtype))
-    return (y.float() + low_rank_term(x, v, ut, s)).to(x.dtype)
+    return (y.float() + low_rank_term(x, v, ut, factors.s)).to(x.dtype)
 
 
 @torch.library.custom_op("deltacome::delta_linear", mutates_args=())
 def delta_linear(
-    x: torch.Tensor,
-    base_weight: torch.Tensor,
-    v_packed: torch.Tensor,
-    v_scale: torch.Tensor,
-    v_zero: torch.Tensor,
-    u_packed: torch.Tensor,
-    u_scale: torch.Tensor,
-    u_zero: torch.Tensor,
-    s: torch.Tensor,
-    bits: list[int],
-    counts: list[int],
-    group_size: int,
+    x: torch.Tensor, base_weight: torch.Tensor,
+    v_packed: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor,
+    u_packed: torch.Tensor, u_scale: torch.Tensor, u_zero: torch.Tensor, s: torch.Tensor,
+    bits: list[int], counts: list[int], group_size: int,
 ) -> torch.Tensor:
-    return delta_linear_reference(x, base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s, bits, counts,
-                                  group_size)
+    f = _factors((v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s), bits, counts, group_size, *base_weight.shape)
+    return delta_linear_reference(x, base_weight, f)
 
 
 @delta_linear.register_fake
@@ -80,20 +53,20 @@ def _(x, base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s, b
 
 
 def _setup_context(ctx, inputs, output):
-    x, base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s, bits, counts, group_size = inputs
-    ctx.save_for_backward(base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s)
-    ctx.meta = (bits, counts, group_size, x.dtype)
+    x, base_weight, *rest = inputs
+    ctx.save_for_backward(base_weight, *rest[:_N])
+    ctx.meta = (*rest[_N:], x.dtype)
 
 
 def _backward(ctx, grad):
     """Gradient for the input only: the compressed weight is frozen."""
-    base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s = ctx.saved_tensors
+    base_weight, *tensors = ctx.saved_tensors
     bits, counts, group_size, dtype = ctx.meta
-    v, ut = dequantize_factors(*base_weight.shape, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, bits, counts,
-                               group_size)
+    v, ut = _factors(tensors, bits, counts, group_size, *base_weight.shape).dequantize()
     g = grad.float()
+    s = tensors[-1]
     grad_x = g @ base_weight.float() + ((g @ ut.T) * s) @ v
-    return (grad_x.to(dtype),) + (None,) * 11
+    return (grad_x.to(dtype),) + (None,) * (1 + _N + 3)
 
 
 delta_linear.register_autograd(_backward, setup_context=_setup_context)
@@ -102,27 +75,81 @@ delta_linear.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op("deltacome::delta_only_linear", mutates_args=())
 def delta_only_linear(
     x: torch.Tensor,
-    v_packed: torch.Tensor,
-    v_scale: torch.Tensor,
-    v_zero: torch.Tensor,
-    u_packed: torch.Tensor,
-    u_scale: torch.Tensor,
-    u_zero: torch.Tensor,
-    s: torch.Tensor,
-    bits: list[int],
-    counts: list[int],
-    out_features: int,
-    in_features: int,
-    group_size: int,
+    v_packed: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor,
+    u_packed: torch.Tensor, u_scale: torch.Tensor, u_zero: torch.Tensor, s: torch.Tensor,
+    bits: list[int], counts: list[int], out_features: int, in_features: int, group_size: int,
 ) -> torch.Tensor:
-    """The delta term alone, `((x @ V̂.T) * s) @ Û.T`, fp32 inside, `x.dtype` out: used when the base
-    weight is itself a quantized tensor subclass (which a custom op cannot take as input), so the
-    base term runs through that subclass's own `F.linear`."""
-    v, ut = dequantize_factors(out_features, in_features, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, bits,
-                               counts, group_size)
+    """The delta term alone, fp32 inside, `x.dtype` out: used when the base weight is itself a
+    quantized tensor subclass (which a custom op cannot take as input), so the base term runs
+    through that subclass's own `F.linear`."""
+    f = _factors((v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s), bits, counts, group_size,
+                 out_features, in_features)
+    v, ut = f.dequantize()
     return low_rank_term(x, v, ut, s).to(x.dtype)
 
 
 @delta_only_linear.register_fake
 def _(x, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s, bits, counts, out_features, in_features, group_size):
     return x.new_empty(*x.shape[:-1], out_features)
+
+
+# --- many deltas in one batch --------------------------------------------------------------------
+
+
+def segmented_reference(y: torch.Tensor, x: torch.Tensor, groups) -> torch.Tensor:
+    """For each (rows, factors) of `groups`: `y[rows] = (y[rows].fp32 + ((x[rows] V̂ᵀ) · s) Ûᵀ).to(y.dtype)`,
+    in place on `y` — the same arithmetic as `delta_linear`, so a row gives what the delta's model
+    alone gives. Each delta's factors are read once."""
+    for rows, f in groups:
+        v, ut = f.dequantize()
+        yg = (y.index_select(0, rows).float() + low_rank_term(x.index_select(0, rows), v, ut, f.s)).to(y.dtype)
+        y.index_copy_(0, rows, yg)
+    return y
+
+
+def unflatten_segments(rows, tensors, bits, counts, nbands, group_sizes, out_features, in_features):
+    """The flat arguments of `segmented_delta_linear` -> [(rows, PackedFactors), ...]."""
+    groups, b0 = [], 0
+    for i, r in enumerate(rows):
+        nb = nbands[i]
+        f = _factors(tensors[_N * i:_N * (i + 1)], bits[b0:b0 + nb], counts[b0:b0 + nb], group_sizes[i],
+                     out_features, in_features)
+        groups.append((r, f))
+        b0 += nb
+    return groups
+
+
+def segmented_delta_linear_reference(y, x, rows, tensors, bits, counts, nbands, group_sizes) -> torch.Tensor:
+    """The reference (any device) implementation of `segmented_delta_linear`."""
+    groups = unflatten_segments(rows, tensors, bits, counts, nbands, group_sizes, y.shape[-1], x.shape[-1])
+    return segmented_reference(y.clone(), x, groups)
+
+
+@torch.library.custom_op("deltacome::segmented_delta_linear", mutates_args=())
+def segmented_delta_linear(
+    y: torch.Tensor, x: torch.Tensor, rows: list[torch.Tensor], tensors: list[torch.Tensor],
+    bits: list[int], counts: list[int], nbands: list[int], group_sizes: list[int],
+) -> torch.Tensor:
+    """`y` (B, ..., out) plus, on the batch rows `rows[i]` (int64 indices into dim 0), the low-rank
+    term of delta i, whose factors are `tensors[7i:7i+7]` with `nbands[i]` bands (`bits`, `counts`
+    concatenated over the deltas) and group size `group_sizes[i]`. Returns a new tensor."""
+    return segmented_delta_linear_reference(y, x, rows, tensors, bits, counts, nbands, group_sizes)
+
+
+@segmented_delta_linear.register_fake
+def _(y, x, rows, tensors, bits, counts, nbands, group_sizes):
+    return torch.empty_like(y)
+
+
+def segmented_delta(y: torch.Tensor, x: torch.Tensor, groups) -> torch.Tensor:
+    """`segmented_delta_linear` on [(rows, PackedFactors), ...] (deltas without vectors skipped)."""
+    groups = [(r, f) for r, f in groups if f.rank > 0 and r.numel() > 0]
+    if not groups:
+        return y
+    tensors, bits, counts = [], [], []
+    for _, f in groups:
+        tensors += list(f.tensors().values())
+        bits += list(f.bits)
+        counts += list(f.counts)
+    return segmented_delta_linear(y, x, [r for r, _ in groups], tensors, bits, counts,
+                                  [len(f.bits) for _, f in groups], [f.group_size for _, f in groups])

@@ -15,8 +15,8 @@ converts the model in place and wraps it, `save_pretrained`, `from_pretrained`);
 Compressed base (`quantize_base_`, or `quantize(..., base_quantization=Int8WeightOnlyConfig())`):
 the delta is computed against the original base (what the fine-tune started from); then the base
 weight inside each `MixedPrecisionDeltaTensor` is replaced by a torchao-quantized copy of itself
-(`MixedPrecisionDeltaTensor.with_base`), so `F.linear` runs the base term through torchao's own
-linear and only the delta through `deltacome::delta_only_linear`. See `docs/optimum.md`.
+(`DeltaTensor.with_base`), so `F.linear` runs the base term through torchao's own
+linear and only the delta through the kind's own delta term. See `docs/optimum.md`.
 
 `optimum-cli deltacome ...`: `REGISTER_COMMANDS` is what optimum-cli reads from a module in the
 `optimum.commands.register` namespace package (see `docs/optimum.md` for how it is installed).
@@ -31,40 +31,33 @@ from typing import Any, Optional
 import torch
 from torchao import quantize_
 
-from .bitdelta_tensor import BitDeltaTensor
+from .compress import compress_, compressed_layers
 from .config import DeltaCoMeConfig
-from .mixed_precision_delta_tensor import MixedPrecisionDeltaTensor
+from .delta_tensor import is_plain
 
 __all__ = ["DeltaCoMeModelForCausalLM", "quantize_base_", "has_quantized_base", "REGISTER_COMMANDS"]
 
 
-def _is_plain(t: torch.Tensor) -> bool:
-    return type(t) in (torch.Tensor, torch.nn.Parameter)
-
-
 def quantize_base_(model: torch.nn.Module, base_config: Any = None) -> torch.nn.Module:
-    """Quantize, in place, the base weight inside every `MixedPrecisionDeltaTensor` of `model` with
-    the torchao config `base_config` (default `Int8WeightOnlyConfig()`); the deltas stay as they are
-    (computed against the original base). Returns `model`."""
+    """Quantize, in place, the base weight inside every compressed weight of `model` with the torchao
+    config `base_config` (default `Int8WeightOnlyConfig()`); the deltas stay as they are (computed
+    against the original base). All or nothing; ValueError if there is nothing to do. Returns `model`."""
     if base_config is None:
         from torchao.quantization import Int8WeightOnlyConfig
 
         base_config = Int8WeightOnlyConfig()
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), MixedPrecisionDeltaTensor)]
-    bitdelta = [n for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), BitDeltaTensor)]
-    if bitdelta:
-        raise ValueError(f"{bitdelta[0]}: a quantized base is supported for MixedPrecisionDeltaTensor weights, not BitDelta")
+    layers = [(n, model.get_submodule(n)) for n in compressed_layers(model)]
     if not layers:
-        raise ValueError("the model has no compressed layer; run quantize_(model, DeltaCoMeConfig(base=...)) first")
+        raise ValueError("the model has no compressed layer; run compress_(model, DeltaCoMeConfig(base=...)) first")
     new = {}
     for name, module in layers:  # quantize every base first: an error leaves the model untouched
         w = module.weight
-        if not _is_plain(w.base_weight):
+        if not is_plain(w.base_weight):
             raise ValueError(f"{name}: the base weight is already a {type(w.base_weight).__name__}")
         holder = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
         holder.weight = torch.nn.Parameter(w.base_weight.detach(), requires_grad=False)
         quantize_(holder, copy.deepcopy(base_config))
-        if _is_plain(holder.weight):
+        if is_plain(holder.weight):
             raise ValueError(f"{type(base_config).__name__} left {name}'s base weight unquantized")
         new[name] = w.with_base(holder.weight.detach())
     for name, module in layers:
@@ -73,10 +66,7 @@ def quantize_base_(model: torch.nn.Module, base_config: Any = None) -> torch.nn.
 
 
 def has_quantized_base(model: torch.nn.Module) -> bool:
-    return any(
-        isinstance(getattr(m, "weight", None), MixedPrecisionDeltaTensor) and not _is_plain(m.weight.base_weight)
-        for m in model.modules()
-    )
+    return any(not is_plain(w.base_weight) for w in compressed_layers(model).values())
 
 
 class DeltaCoMeModelForCausalLM:
@@ -113,7 +103,7 @@ class DeltaCoMeModelForCausalLM:
             raise ValueError("quantize needs base=: the model the fine-tune started from (module, state dict or directory)")
         cfg = DeltaCoMeConfig(base=base, alpha=alpha, **config)
         with torch.no_grad():
-            quantize_(model, cfg)
+            compress_(model, cfg)
             if base_quantization is not None:
                 quantize_base_(model, base_quantization)
         return cls(model, cfg)

@@ -24,15 +24,6 @@ def padded_length(length: int) -> int:
     return -(-length // 8) * 8
 
 
-def shard_widths(bits: int) -> tuple[int, ...]:
-    """Bit widths of the shards a `bits`-bit code is split into, in storage order."""
-    if bits == 8:
-        return (8,)
-    if bits == FP16_BITS:
-        return (16,)
-    return numbits[bits]
-
-
 def packed_nbytes(bits: int, rows: int, length: int) -> int:
     if bits == FP16_BITS:
         return rows * length * 2

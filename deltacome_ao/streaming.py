@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import time
-import types
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -31,26 +30,14 @@ from typing import Any, Mapping, Optional
 import torch
 from tqdm.auto import tqdm
 
-from .artifact import (
-    CONFIG_NAME,
-    SEP,
-    WEIGHTS_NAME,
-    _entry,
-    _few,
-    _fingerprint_of_entries,
-    _model_config,
-    _same,
-    _write_artifact,
-    layer_spec,
-)
-from .config import BaseWeights, DeltaCoMeConfig, safetensors_files
+from .artifact import DeltaArtifact
+from .checkpoint import BaseWeights, CheckpointMismatchError, check_pair, few, safetensors_files
+from .config import DeltaCoMeConfig
+from .fingerprint import fingerprint, same, tensor_entry
+from .format import CONFIG_NAME, SEP, WEIGHTS_NAME, model_config as config_fields
 from .recipes import Recipe, recipe_for
 
 __all__ = ["compress_streaming", "CheckpointMismatchError", "checkpoint_files", "linear_weight_names"]
-
-class CheckpointMismatchError(ValueError):
-    """The two checkpoints do not have the same architecture (names, shapes, model type)."""
-
 
 def checkpoint_files(model_dir: str | os.PathLike, role: str = "checkpoint") -> list[Path]:
     """The safetensors files of a checkpoint directory (`config.safetensors_files`), with errors
@@ -67,12 +54,10 @@ def checkpoint_files(model_dir: str | os.PathLike, role: str = "checkpoint") -> 
     return files
 
 
-class _Checkpoint(BaseWeights):
-    """`BaseWeights` over a checkpoint directory, whose errors name its role ("base", ...)."""
-
-    def __init__(self, model_dir: str | os.PathLike, role: str):
-        checkpoint_files(model_dir, role)
-        super().__init__(Path(model_dir))
+def _checkpoint(model_dir: str | os.PathLike, role: str) -> BaseWeights:
+    """`BaseWeights` over a checkpoint directory, with errors that name its role ("base", ...)."""
+    checkpoint_files(model_dir, role)
+    return BaseWeights(Path(model_dir), role=role)
 
 
 def linear_weight_names(names, recipe: Recipe, shapes: Mapping[str, tuple] | None = None) -> list[str]:
@@ -109,7 +94,7 @@ def _skeleton(model_dir: Path):
     return config, model
 
 
-def _structure(skeleton, recipe: Recipe, ft: _Checkpoint, shapes: Mapping[str, tuple]):
+def _structure(skeleton, recipe: Recipe, ft: BaseWeights, shapes: Mapping[str, tuple]):
     """(ordered fine-tuned tensor names, compressed weight keys, {alias: kept name}, first parameter name)."""
     if skeleton is None:
         order = list(ft.keys())
@@ -125,7 +110,7 @@ def _structure(skeleton, recipe: Recipe, ft: _Checkpoint, shapes: Mapping[str, t
     missing = [k for k in order if k not in ft]
     if missing:
         raise CheckpointMismatchError(
-            f"the fine-tuned checkpoint lacks {len(missing)} tensor(s) its config.json's model has: {_few(missing)}"
+            f"the fine-tuned checkpoint lacks {len(missing)} tensor(s) its config.json's model has: {few(missing)}"
         )
     listed = set(order)
     order += [k for k in ft.keys() if k not in listed and k not in aliases]  # stored extras, as save_delta keeps them
@@ -138,55 +123,6 @@ def _structure(skeleton, recipe: Recipe, ft: _Checkpoint, shapes: Mapping[str, t
     first = next((n for n, _ in skeleton.named_parameters()), None)
     first = aliases.get(first, first)
     return order, compressed, aliases, first
-
-
-def _check_pair(base: _Checkpoint, ft: _Checkpoint, order: list[str], compressed: list[str],
-                aliases: Mapping[str, str], strict: bool) -> dict[str, tuple]:
-    """Everything that can be checked from the headers, before any work: model type, names, shapes."""
-    if base.model_type and ft.model_type and base.model_type != ft.model_type:
-        raise CheckpointMismatchError(
-            f"the base is a {base.model_type!r} model but the fine-tuned model is {ft.model_type!r}; "
-            f"pass the base model this one was fine-tuned from"
-        )
-    base_keys = [k for k in base.keys() if k not in aliases]
-    base_set, ft_set = set(base_keys), set(order)
-    only_ft, only_base = [k for k in order if k not in base_set], [k for k in base_keys if k not in ft_set]
-    if strict and (only_ft or only_base):
-        parts = []
-        if only_ft:
-            parts.append(f"{len(only_ft)} only in the fine-tuned one: {_few(only_ft)}")
-        if only_base:
-            parts.append(f"{len(only_base)} only in the base: {_few(only_base)}")
-        raise CheckpointMismatchError(
-            "the checkpoints have different tensor names (" + "; ".join(parts) + "); pass the base this model "
-            "was fine-tuned from, or strict=False to store fine-tuned-only tensors as they are"
-        )
-    missing = [k for k in compressed if k not in base_set]
-    if missing:
-        raise CheckpointMismatchError(
-            f"the base has no tensor {_few(missing)}; the base is missing weights or has another architecture"
-        )
-    shapes = {}
-    for key in order:
-        shapes[key] = ft.shape(key)
-        if key in base_set and base.shape(key) != shapes[key]:
-            shape, base_shape = shapes[key], base.shape(key)
-            vocab = ("embed" in key or "lm_head" in key) and shape[1:] == base_shape[1:]
-            hint = " (the vocabulary sizes differ)" if vocab else ""
-            raise CheckpointMismatchError(
-                f"{key}: fine-tuned shape {shape} but base shape {base_shape}{hint}; "
-                f"the base must have the fine-tuned model's architecture"
-            )
-    for key in compressed:
-        if len(shapes[key]) != 2:
-            raise CheckpointMismatchError(f"{key}: a selected linear weight must be 2-D, got shape {shapes[key]}")
-        bias = key[: -len("weight")] + "bias"
-        if bias not in ft_set and bias in base_set:
-            raise CheckpointMismatchError(
-                f"{key[: -len('.weight')]}: the base has a bias but the fine-tuned layer has none; "
-                f"the base has another architecture"
-            )
-    return shapes
 
 
 def compress_streaming(
@@ -225,8 +161,8 @@ def compress_streaming(
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
     base_path, ft_path = Path(base_dir), Path(finetuned_dir)
-    base = _Checkpoint(base_path, "base")
-    ft = _Checkpoint(ft_path, "fine-tuned checkpoint")
+    base = _checkpoint(base_path, "base")
+    ft = _checkpoint(ft_path, "fine-tuned checkpoint")
     config = DeltaCoMeConfig(
         base=base, alpha=alpha, method=method, group_size=group_size, allocation=allocation, svd=svd,
         recipe=recipe, progress=progress, **options,
@@ -236,7 +172,8 @@ def compress_streaming(
     order, compressed, aliases, first = _structure(skeleton, recipe, ft, {k: ft.shape(k) for k in ft.keys()})
     if not compressed:
         raise ValueError(f"recipe {recipe.name!r} selects no linear weight of {ft_path}; pass recipe= for this model")
-    _check_pair(base, ft, order, compressed, aliases, strict)
+    check_pair(base, {k: ft.shape(k) for k in order}, compressed, model_type=ft.model_type, strict=strict,
+               ignore=aliases)
     del skeleton
     compressed_set, base_set = set(compressed), set(base.keys())
 
@@ -256,22 +193,22 @@ def compress_streaming(
                 model_dtype = f.dtype
             if key in compressed_set:
                 b = base[key]
-                entries[key] = _entry(b)
+                entries[key] = tensor_entry(b)
                 b = b.to(dtype=f.dtype)
                 name = key[: -len(".weight")]
                 t0 = time.perf_counter()
                 w = config.compress(f, b, name)
                 seconds = time.perf_counter() - t0
                 del f, b
-                layers[name] = layer_spec(w)
-                for inner in w.tensor_data_names[1:]:
-                    tensors[f"{key}{SEP}{inner}"] = getattr(w, inner).detach().contiguous()
+                layers[name] = w.spec()
+                for inner, t in w.delta_tensors().items():
+                    tensors[f"{key}{SEP}{inner}"] = t.detach().contiguous()
                 timings.append({"name": name, "shape": list(w.shape), "seconds": seconds})
                 del w
             elif key in base_set:
                 b = base[key]
-                entries[key] = _entry(b)
-                if not _same(f, b):
+                entries[key] = tensor_entry(b)
+                if not same(f, b):
                     kept[key] = f
                 del b
             else:  # only in the fine-tuned checkpoint (strict=False)
@@ -280,17 +217,16 @@ def compress_streaming(
         bar.close()
         rest = [k for k in base.keys() if k not in entries and k not in aliases]  # base-only (strict=False)
         for key in tqdm(rest, desc="base fingerprint", disable=not (progress and rest), unit="tensor"):
-            entries[key] = _entry(base[key])
+            entries[key] = tensor_entry(base[key])
     # `layers` in module order, as compressed_layers(model) lists them
     layers = {k[: -len(".weight")]: layers[k[: -len(".weight")]] for k in compressed}
     model_type = base.model_type or ft.model_type
-    document = _write_artifact(
-        out, tensors, kept, layers=layers, aliases=aliases,
-        fingerprint=_fingerprint_of_entries(entries, model_type, complete=True), config=config,
+    document = DeltaArtifact(
+        layers=layers, tensors=tensors, kept=kept, aliases=aliases,
+        fingerprint=fingerprint(entries, model_type, complete=True),
         model_dtype=model_dtype if model_dtype is not None else torch.float32,
-        model_config=_model_config(types.SimpleNamespace(config=model_config)) if model_config is not None else None,
-        metadata=metadata, overwrite=overwrite,
-    )
+        model_config=config_fields(model_config), config=config, metadata=metadata,
+    ).write(out, overwrite)
     del tensors, kept
     return {
         "out_dir": str(out),

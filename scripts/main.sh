@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
-exec .venv/bin/python -m deltacome_ao.compare "$@"
+exec .venv/bin/python -m deltacome_ao.evaluation.compare "$@"

@@ -23,6 +23,8 @@ from deltacome_ao import (
     deltacome_config,
 )
 from deltacome_ao.allocate import budget_bits
+from deltacome_ao import config as config_module
+from deltacome_ao.checkpoint import CheckpointMismatchError
 from deltacome_ao.config import BaseWeights
 from deltacome_ao.mixed_precision_delta_tensor import BudgetTooSmallError
 from deltacome_ao.recipes import Recipe
@@ -78,6 +80,14 @@ def assert_unchanged(model, snap):
     assert delta_report(model) == []
 
 
+def assert_no_run_state(config):
+    """The quantize_ run left nothing behind: no state on the config, none in the handler's module."""
+    import dataclasses
+
+    assert set(vars(config)) == {f.name for f in dataclasses.fields(config)}
+    assert config_module._RUNS == {}
+
+
 def compressed_names(model) -> list[str]:
     return sorted(n for n, m in model.named_modules() if isinstance(getattr(m, "weight", None), COMPRESSED))
 
@@ -117,7 +127,7 @@ def test_quantize_hf_causal_lm(arch):
 
     assert compressed_names(ft) == EXPECTED
     assert all(type(getattr(ft.get_submodule(n), "weight")) is MixedPrecisionDeltaTensor for n in EXPECTED)
-    assert config._runs == {}  # nothing left over for the next quantize_ call
+    assert_no_run_state(config)  # nothing left over for the next quantize_ call
 
     # Everything but the projection weights is the fine-tuned model's, bit for bit, as plain tensors.
     sd = ft.state_dict()
@@ -198,7 +208,7 @@ def test_methods_share_the_budget(llama, method):
     for r in report:
         out_f, in_f = r["shape"]
         if method == "bitdelta":
-            assert r["bands"] == [[1, "sign"]]
+            assert r["bands"] is None and r["structure"] == "sign+scale" and r["tensor"] == "BitDeltaTensor"
             assert r["delta_bytes"] == out_f * -(-in_f // 8) + 4, r  # sign bits + one fp32 scale
             assert 1.0 <= r["bits_per_param"] <= 1.02, r
         else:
@@ -299,8 +309,8 @@ BAD_INPUTS = {
         r"model\.embed_tokens\.weight: .* base shape \(160, 64\) \(the vocabulary sizes differ\)",
     ),
     "missing_base_weight": (
-        _missing_projection, {}, KeyError,
-        r"model\.layers\.1\.mlp\.up_proj: the base has no tensor 'model\.layers\.1\.mlp\.up_proj\.weight'",
+        _missing_projection, {}, CheckpointMismatchError,
+        r"the base has no tensor model\.layers\.1\.mlp\.up_proj\.weight; the base is missing weights",
     ),
     "nan_in_finetuned_layer_1": (
         _nan_in_later_finetuned_layer, {}, ValueError,
@@ -332,7 +342,7 @@ def test_bad_input_leaves_model_unchanged(llama, case):
     with pytest.raises(error, match=match):
         quantize_(model, config)
     assert_unchanged(model, snap)
-    assert config._runs == {}
+    assert_no_run_state(config)
 
 
 def test_model_is_usable_after_a_failed_attempt(llama):
@@ -349,11 +359,16 @@ def test_model_is_usable_after_a_failed_attempt(llama):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"method": "gptq"}, r"unknown method 'gptq'; choose from \('deltacome', 'single', 'lowrank', 'bitdelta'\)"),
-        ({"alpha": 0.0}, r"alpha must be positive, got 0\.0"),
-        ({"alpha": -0.5}, r"alpha must be positive, got -0\.5"),
-        ({"alpha": float("nan")}, r"alpha must be positive, got nan"),
-        ({"group_size": 0}, r"group_size must be positive"),
+        ({"method": "gptq"}, r"unknown method 'gptq'; choose from \('deltacome', 'bitdelta', 'lowrank', 'single'\)"),
+        ({"alpha": 0.0}, r"alpha must be in \(0, 1\] .* got 0\.0"),
+        ({"alpha": -0.5}, r"alpha must be in \(0, 1\] .* got -0\.5"),
+        ({"alpha": float("nan")}, r"alpha must be in \(0, 1\] .* got nan"),
+        ({"alpha": float("inf")}, r"alpha must be in \(0, 1\] .* got inf"),
+        ({"alpha": 10}, r"alpha must be in \(0, 1\] .* got 10"),
+        ({"group_size": 0}, r"group_size must be an integer >= 2"),
+        ({"group_size": 1}, r"group_size must be an integer >= 2"),
+        ({"bands": [(3, -2)]}, r"bands: the count of singular vectors must be an integer >= 1, got -2"),
+        ({"damp": float("inf")}, r"damp must be a finite number >= 0"),
         ({"svd": "fast"}, r"unknown svd 'fast'"),
         ({"method": "single", "single_bits": 9}, r"single_bits: unsupported bit-width 9"),
         ({"bands": [(8, 2), (12, 4)]}, r"bands: unsupported bit-width 12"),
@@ -368,7 +383,7 @@ def test_invalid_config_values(llama, kwargs, match):
 def test_missing_or_unreadable_base(tmp_path):
     with pytest.raises(ValueError, match="needs base="):
         DeltaCoMeConfig()
-    with pytest.raises(FileNotFoundError, match="not a directory with .safetensors files"):
+    with pytest.raises(FileNotFoundError, match="holds no \\*\\.safetensors file"):
         DeltaCoMeConfig(base=tmp_path)
     with pytest.raises(TypeError, match="base must be an nn.Module, a state dict or a directory path, got int"):
         DeltaCoMeConfig(base=3)

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torchao import quantize_
 
 import deltacome_ao.artifact as artifact
+import deltacome_ao.fingerprint as fingerprint
 from deltacome_ao import BitDeltaTensor, DeltaCoMeConfig, DeltaCoMeModel, MixedPrecisionDeltaTensor
 from deltacome_ao import delta_size, load_delta, save_delta
 from deltacome_ao.artifact import BaseMismatchError, DeltaFormatError
@@ -216,11 +217,11 @@ def test_one_changed_value_is_caught(pair, tmp_path):
 
 def test_sample_hash_covers_large_tensors_sparsely():
     big = torch.zeros(2048, 1024)  # 8 MiB > the 1 MiB sampled
-    digest = artifact._sample_hash(big)
+    digest = fingerprint.sample_hash(big)
     first, last = big.clone(), big.clone()
     first[0, 0], last[-1, -1] = 1.0, 1.0
-    assert artifact._sample_hash(first) != digest and artifact._sample_hash(last) != digest
-    assert artifact._full_hash(big) != artifact._full_hash(first)
+    assert fingerprint.sample_hash(first) != digest and fingerprint.sample_hash(last) != digest
+    assert fingerprint.full_hash(big) != fingerprint.full_hash(first)
 
 
 def test_save_refuses_another_base(pair, tmp_path):

@@ -42,7 +42,6 @@ if INTERPRETED:
 from deltacome_ao import MixedPrecisionDeltaTensor  # noqa: E402
 from deltacome_ao.kernels import configs  # noqa: E402
 from deltacome_ao.kernels.layout import band_layout  # noqa: E402
-from deltacome_ao.ops import dequantize_factor  # noqa: E402
 
 CHILD = os.environ.get("DELTACOME_KERNEL_TESTS_CHILD") == "1"
 not_in_child = pytest.mark.skipif(CHILD, reason="runs in the parent test process")
@@ -140,7 +139,7 @@ def test_dequant_all_bit_widths_match_reference(shape):
     for which, packed, scale, zero, length in (
         ("v", w.v_packed, w.v_scale, w.v_zero, in_f), ("u", w.u_packed, w.u_scale, w.u_zero, out_f),
     ):
-        ref = dequantize_factor(packed, scale, zero, w.bits, w.counts, length, w.group_size)
+        ref = w.factors.dequantize_factor(which)
         got = dequant_mod.dequantize_factor_triton(packed, scale, zero, w.s, lay, which)
         torch.testing.assert_close(got, ref, atol=0, rtol=0)
         got = dequant_mod.dequantize_factor_triton(packed, scale, zero, w.s, lay, which, torch.float32, dequant_mod.MULT_S)
@@ -153,7 +152,7 @@ def test_dequant_all_bit_widths_match_reference(shape):
 def test_dequant_small_blocks_cover_every_tile():
     w = _weight(77, 300, "paper")
     lay = _layout(w)
-    ref = dequantize_factor(w.v_packed, w.v_scale, w.v_zero, w.bits, w.counts, 300, w.group_size)
+    ref = w.factors.dequantize_factor("v")
     got = dequant_mod.dequantize_factor_triton(
         w.v_packed, w.v_scale, w.v_zero, w.s, lay, "v", config={"BLOCK_R": 16, "BLOCK_L": 64},
     )
@@ -271,7 +270,7 @@ def test_dispatch_end_to_end_with_leading_dims(tokens):
     dtype = torch.float16
     w = _weight(77, 300, "paper", dtype)
     x = _x(tokens, 300, dtype).reshape(1, tokens, 300)
-    got = dispatch_mod.delta_linear_triton(x, *_op_args(w))
+    got = dispatch_mod.delta_linear_triton(x, w.base_weight, w.factors)
     assert got.shape == (1, tokens, 77)
     _check(got, _reference(x, w), dtype)
 
@@ -283,14 +282,14 @@ def test_transposed_weight_and_bf16_base(path):
     w = _weight(200, 136, "paper", torch.bfloat16).t()
     assert not w.base_weight.is_contiguous()
     x = _x(3, 200, torch.float32)
-    _check(dispatch_mod.delta_linear_triton(x, *_op_args(w), path=path), _reference(x, w), torch.float32)
+    _check(dispatch_mod.delta_linear_triton(x, w.base_weight, w.factors, path=path), _reference(x, w), torch.float32)
 
 
 @interpreter
 def test_unsupported_dtype_falls_back_to_reference():
     w = _weight(77, 300, "one", torch.float64)
     x = _x(2, 300, torch.float64)
-    torch.testing.assert_close(dispatch_mod.delta_linear_triton(x, *_op_args(w)), _reference(x, w))
+    torch.testing.assert_close(dispatch_mod.delta_linear_triton(x, w.base_weight, w.factors), _reference(x, w))
 
 
 @not_in_child

@@ -89,7 +89,10 @@ def test_get_pair_builds_into_cache_then_reuses_it(tmp_path, monkeypatch):
     )
     monkeypatch.setitem(PAIRS, "tiny", tiny)
     monkeypatch.setenv("DELTACOME_CACHE", str(tmp_path))
-    base_dir, ft_dir = get_pair("tiny")
+    with pytest.raises(FileNotFoundError, match=r"pair 'tiny' is neither shipped .* nor cached .*pairs build --name tiny"):
+        get_pair("tiny")  # never trains silently
+    assert not (tmp_path / "pairs").exists()
+    base_dir, ft_dir = get_pair("tiny", build=True)
     assert base_dir == tmp_path / "pairs" / "tiny" / "base"
     meta = json.loads((ft_dir / "pair.json").read_text())
     assert meta["role"] == "finetuned" and meta["spec"]["finetune_steps"] == 2

@@ -1,4 +1,4 @@
-"""The segmented multi-delta kernel (`kernels/segmented.py`) against `segmented_delta_reference`.
+"""The segmented multi-delta kernel (`kernels/segmented.py`) against `ops.segmented_reference`.
 
 Without a GPU the kernels run under Triton's CPU interpreter on CPU tensors (see test_kernels.py for
 why the interpreter must be chosen before triton is imported; if triton was already imported in
@@ -30,8 +30,8 @@ if INTERPRETED:
     from deltacome_ao.kernels import segmented as seg_mod  # noqa: E402
 
 from deltacome_ao import MixedPrecisionDeltaTensor  # noqa: E402
-from deltacome_ao import serving  # noqa: E402
-from deltacome_ao.serving import DeltaFactors, MultiDeltaLinear, Routing, segmented_delta_reference  # noqa: E402
+from deltacome_ao.ops import segmented_delta_linear, segmented_delta_linear_reference, segmented_reference  # noqa: E402
+from deltacome_ao.serving import MultiDeltaLinear, Routing  # noqa: E402
 
 interpreter = pytest.mark.skipif(not INTERPRETED, reason="runs in a child process with TRITON_INTERPRET=1")
 
@@ -77,21 +77,22 @@ def _tensor(d):
     return MixedPrecisionDeltaTensor.from_hp(ft, base, bands=BANDS[d], group_size=GROUP)
 
 
-def _factors(ids):
-    return {d: DeltaFactors.from_tensor(_tensor(d), cache=False) for d in ids}
+def _groups(r, ids):
+    """[(rows, PackedFactors)] of the routing's groups whose delta is in `ids`."""
+    return [(rows, _tensor(d).factors) for d, rows in r.groups if d in ids]
 
 
 def _run(ids, tokens_per_row, dtype, config, delta_set=None):
     ids = torch.tensor(ids)
     r = Routing(ids)
-    factors = _factors(delta_set if delta_set is not None else sorted(set(ids.tolist()) - {-1}))
+    groups = _groups(r, delta_set if delta_set is not None else sorted(set(ids.tolist()) - {-1}))
     g = torch.Generator().manual_seed(5)
     shape = (len(ids),) + ((tokens_per_row,) if tokens_per_row else ())
     x = torch.randn(*shape, IN, generator=g).to(dtype)
     y0 = torch.randn(*shape, OUT, generator=g).to(dtype)
-    ref = segmented_delta_reference(y0.clone(), x, r.groups, factors)
+    ref = segmented_reference(y0.clone(), x, groups)
     y = y0.clone()
-    got = seg_mod.segmented_delta_triton(y, x, r.groups, factors, config=config)
+    got = seg_mod.segmented_delta_triton(y, x, groups, config=config)
     assert got is y  # in place
     return y0, ref, got, ids
 
@@ -162,11 +163,13 @@ def test_as_backend_of_multi_delta_linear():
     x = torch.randn(6, IN)
     ids = torch.tensor([0, 5, -1, 4, 1, 0])
     want = ref_layer(x, ids)
-    serving.register_segmented_backend("cpu", seg_mod.segmented_delta_triton)
+    import deltacome_ao.kernels as k
+
+    segmented_delta_linear.register_kernel("cpu")(k.segmented_delta_linear_cuda)
     try:
         got = ref_layer(x, ids)
     finally:
-        serving.register_segmented_backend("cpu", None)
+        segmented_delta_linear.register_kernel("cpu")(segmented_delta_linear_reference)
     torch.testing.assert_close(got, want, atol=2e-5 * want.abs().max().item(), rtol=0)
 
 
@@ -174,15 +177,16 @@ def test_as_backend_of_multi_delta_linear():
 def test_unsupported_dtype_falls_back_to_reference():
     ids = torch.tensor([0, 1])
     r = Routing(ids)
-    factors = _factors([0, 1])
+    groups = _groups(r, [0, 1])
     x = torch.randn(2, IN, dtype=torch.float64)
     y0 = torch.randn(2, OUT, dtype=torch.float64)
-    ref = segmented_delta_reference(y0.clone(), x, r.groups, factors)
-    got = seg_mod.segmented_delta_triton(y0.clone(), x, r.groups, factors)
+    ref = segmented_reference(y0.clone(), x, groups)
+    got = seg_mod.segmented_delta_triton(y0.clone(), x, groups)
     torch.testing.assert_close(got, ref)
 
 
 def test_registered_for_cuda():
     import deltacome_ao.kernels as k
 
-    assert k.HAS_TRITON and serving._SEGMENTED_BACKENDS.get("cuda") is k._segmented_cuda
+    assert k.HAS_TRITON and k.registered
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("deltacome::segmented_delta_linear", "CUDA")

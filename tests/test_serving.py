@@ -272,6 +272,25 @@ def test_concurrent_load_unload_while_serving(setup):
     assert set(served.deltas()) == {"a", "b"}
 
 
+def test_any_registered_kind_is_served_per_row(setup, tmp_path):
+    """A BitDelta artifact (no low-rank factors: served through its own delta term) in the same batch
+    as Delta-CoMe deltas: each row equals that fine-tune's compressed model alone."""
+    base = setup[0]
+    bd = _compress(structured_finetune(base, seed=21), base,
+                   DeltaCoMeConfig(base=base, method="bitdelta", group_size=32, progress=False))
+    save_delta(bd, tmp_path / "bitdelta", base=base)
+    served = _served(setup, names=("a",))
+    served.load_delta("bd", tmp_path / "bitdelta")
+    x = ids(seed=5, batch=3, length=9)
+    with torch.no_grad():
+        got = served(x, delta_ids=["bd", "a", None]).logits
+        alone = bd(x).logits
+        base_only = base(x).logits
+    torch.testing.assert_close(got[0], alone[0], atol=2e-5 * alone.abs().max().item(), rtol=0)
+    torch.testing.assert_close(got[2], base_only[2], atol=2e-5 * base_only.abs().max().item(), rtol=0)
+    assert (got[0] - base_only[0]).abs().max() > 100 * 2e-5 * alone.abs().max()  # the delta does something
+
+
 def test_unservable_deltas_refused_nothing_changed(setup, tmp_path):
     base = setup[0]
     served = _served(setup, names=("a",))
@@ -285,12 +304,6 @@ def test_unservable_deltas_refused_nothing_changed(setup, tmp_path):
     if "inv_freq" in (tmp_path / "buffer" / "delta_config.json").read_text():
         with pytest.raises(UnsupportedDeltaError, match="inv_freq"):
             served.load_delta("buffer", tmp_path / "buffer")
-    # BitDelta layers are not MixedPrecisionDeltaTensor
-    bd = _compress(structured_finetune(base, seed=21), base,
-                   DeltaCoMeConfig(base=base, method="bitdelta", group_size=32, progress=False))
-    save_delta(bd, tmp_path / "bitdelta", base=base)
-    with pytest.raises(UnsupportedDeltaError, match="BitDeltaTensor"):
-        served.load_delta("bd", tmp_path / "bitdelta")
     # another base: the artifact's own fingerprint check
     with pytest.raises(Exception, match="another base"):
         MultiDeltaModel(tiny("llama", seed=1)).load_delta("a", setup[2]["a"])

@@ -1,11 +1,12 @@
-"""Triton kernels for `deltacome::delta_linear`, registered as its CUDA implementation.
+"""Triton kernels for the `deltacome::` operators, registered as their CUDA implementations.
 
 Importing this package is cheap and safe anywhere: it does not import triton. When triton is
-installed it registers `_cuda_impl` for the "cuda" dispatch key; the first CUDA call imports the
-kernel modules (`dispatch.py`, `delta_gemv.py`, `delta_gemm.py`, `dequant.py`). CPU tensors keep
-using the reference implementation in `deltacome_ao.ops`. The registered function launches plain
-Triton kernels inside the opaque custom op, so `torch.compile(fullgraph=True)` sees one node and
-CUDA graphs capture the launches (no autotuning, no host syncs on that path).
+installed it registers CUDA implementations of `deltacome::delta_linear` (`dispatch.py`: fused GEMV,
+fused GEMM or dequantise + cuBLAS by token count) and `deltacome::segmented_delta_linear`
+(`segmented.py`: many deltas in one batch); the kernel modules are imported at the first CUDA call.
+CPU tensors keep using the reference implementations in `deltacome_ao.ops`. The registered
+functions launch plain Triton kernels inside the opaque custom ops, so `torch.compile(fullgraph=True)`
+sees one node and CUDA graphs capture the launches (no autotuning, no host syncs on that path).
 
 See docs/kernels.md for the design.
 """
@@ -14,31 +15,33 @@ from __future__ import annotations
 
 import importlib.util
 
-from ..ops import delta_linear
+from ..factors import PackedFactors
+from ..ops import delta_linear, segmented_delta_linear
 
-__all__ = ["HAS_TRITON", "registered"]
+__all__ = ["HAS_TRITON", "registered", "delta_linear_cuda", "segmented_delta_linear_cuda"]
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 registered = False
 
 
-def _cuda_impl(x, base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s, bits, counts, group_size):
+def delta_linear_cuda(x, base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s, bits, counts,
+                       group_size):
     from .dispatch import delta_linear_triton
 
-    return delta_linear_triton(x, base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s, bits, counts,
-                               group_size)
+    f = PackedFactors(v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s, bits, counts, group_size,
+                      *base_weight.shape)
+    return delta_linear_triton(x, base_weight, f)
 
 
-def _segmented_cuda(y, x, groups, factors):
+def segmented_delta_linear_cuda(y, x, rows, tensors, bits, counts, nbands, group_sizes):
     from .segmented import segmented_delta_triton
+    from ..ops import unflatten_segments
 
-    return segmented_delta_triton(y, x, groups, factors)
+    groups = unflatten_segments(rows, tensors, bits, counts, nbands, group_sizes, y.shape[-1], x.shape[-1])
+    return segmented_delta_triton(y.clone(), x, groups)
 
 
 if HAS_TRITON:
-    delta_linear.register_kernel("cuda")(_cuda_impl)
+    delta_linear.register_kernel("cuda")(delta_linear_cuda)
+    segmented_delta_linear.register_kernel("cuda")(segmented_delta_linear_cuda)
     registered = True
-    # multi-delta serving seam (segmented.py); serving imports no triton either
-    from ..serving import register_segmented_backend
-
-    register_segmented_backend("cuda", _segmented_cuda)

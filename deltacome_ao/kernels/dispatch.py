@@ -15,6 +15,7 @@ import functools
 
 import torch
 
+from ..factors import PackedFactors
 from ..ops import delta_linear_reference
 from .configs import dispatch_thresholds
 from .delta_gemm import delta_gemm_dequant, delta_gemm_fused
@@ -49,25 +50,24 @@ def choose_path(tokens: int, device: torch.device | None = None, dtype: torch.dt
     return "gemm_dequant"
 
 
-def delta_linear_triton(
-    x, base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s, bits, counts, group_size,
-    path: str | None = None,
-) -> torch.Tensor:
+def delta_linear_triton(x: torch.Tensor, base_weight: torch.Tensor, factors: PackedFactors,
+                        path: str | None = None) -> torch.Tensor:
     """Same contract as `torch.ops.deltacome.delta_linear`; `path` forces one of `PATHS`."""
     out_features, in_features = base_weight.shape
+    f = factors
     if (
         x.dtype not in _FLOATS or base_weight.dtype not in _FLOATS or x.shape[-1] != in_features
         or x.numel() == 0 or out_features == 0 or in_features == 0
     ):
-        return delta_linear_reference(x, base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s, bits, counts, group_size)
-    layout = cached_layout(tuple(bits), tuple(counts), out_features, in_features, int(group_size))
+        return delta_linear_reference(x, base_weight, f)
+    layout = cached_layout(f.bits, f.counts, out_features, in_features, f.group_size)
     x2 = x.reshape(-1, in_features)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     tokens = x2.shape[0]
     path = path or choose_path(tokens, x.device, x.dtype)
-    args = (x2, base_weight, v_packed, v_scale.contiguous(), v_zero.contiguous(), u_packed,
-            u_scale.contiguous(), u_zero.contiguous(), s.float().contiguous(), layout)
+    args = (x2, base_weight, f.v_packed, f.v_scale.contiguous(), f.v_zero.contiguous(), f.u_packed,
+            f.u_scale.contiguous(), f.u_zero.contiguous(), f.s.float().contiguous(), layout)
     if path == "gemv":
         y = delta_gemv(*args)
     elif path == "gemm_fused":

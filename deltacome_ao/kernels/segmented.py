@@ -1,8 +1,8 @@
-"""Segmented (SGMV-style) multi-delta kernel: the GPU backend of `serving.register_segmented_backend`.
+"""Segmented (SGMV-style) multi-delta kernel: the CUDA implementation of `deltacome::segmented_delta_linear`.
 
-Contract: `segmented_delta_triton(y, x, groups, factors)` does what `serving.segmented_delta_reference`
-does — for each `(delta id, rows)` of `groups` with factors, `y[rows] += ((x[rows] V̂ᵀ) · s) Ûᵀ` (fp32
-math, one rounding to `y.dtype` at the end) — in place, and returns `y`.
+Contract: `segmented_delta_triton(y, x, groups)` does what `ops.segmented_reference` does — for each
+`(rows, PackedFactors)` of `groups`, `y[rows] += ((x[rows] V̂ᵀ) · s) Ûᵀ` (fp32 math, one rounding to
+`y.dtype` at the end) — in place, and returns `y`.
 
 Design (two launches per *layout class*, whatever the number of deltas in it):
 
@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops import segmented_reference
 from .common import dequant_band
 from .layout import band_layout, chunk_starts
 
@@ -208,21 +209,20 @@ def _supported(x, y, f) -> bool:
     return f.s.dtype in _DTYPES and f.v_zero.dtype == torch.uint8 and f.u_zero.dtype == torch.uint8
 
 
-def segmented_delta_triton(y: torch.Tensor, x: torch.Tensor, groups, factors, config: dict | None = None) -> torch.Tensor:
-    """`serving.segmented_delta_reference` with Triton kernels (see the module docstring)."""
-    from ..serving import segmented_delta_reference
-
-    active = [(d, rows, factors[d]) for d, rows in groups
-              if d in factors and factors[d] is not None and factors[d].rank > 0 and rows.numel() > 0]
+def segmented_delta_triton(y: torch.Tensor, x: torch.Tensor, groups, config: dict | None = None) -> torch.Tensor:
+    """`ops.segmented_reference` with Triton kernels (see the module docstring); `groups` is
+    [(rows, PackedFactors), ...]."""
+    active = [(i, rows, f) for i, (rows, f) in enumerate(groups) if f.rank > 0 and rows.numel() > 0]
     if not active:
         return y
     if x.dtype not in _DTYPES or y.dtype not in _DTYPES or x.numel() == 0 or x.dim() < 2:
-        return segmented_delta_reference(y, x, groups, factors)
+        return segmented_reference(y, x, [(rows, f) for _, rows, f in active])
     in_f, out_f = x.shape[-1], y.shape[-1]
-    fallback = [(d, rows) for d, rows, f in active if not _supported(x, y, f) or tuple(f.shape) != (out_f, in_f)]
+    fallback = [(i, rows, f) for i, rows, f in active
+                if not _supported(x, y, f) or (f.out_features, f.in_features) != (out_f, in_f)]
     if fallback:
-        segmented_delta_reference(y, x, fallback, factors)
-        skip = {d for d, _ in fallback}
+        segmented_reference(y, x, [(rows, f) for _, rows, f in fallback])
+        skip = {i for i, _, _ in fallback}
         active = [a for a in active if a[0] not in skip]
         if not active:
             return y

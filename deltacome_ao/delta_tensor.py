@@ -1,0 +1,247 @@
+"""Stage 5: `DeltaTensor`, the protocol every compressed delta weight implements.
+
+A delta weight is `W = base_weight + Δ`, with Δ stored compressed. Each kind (Delta-CoMe's
+mixed-precision SVD, BitDelta's sign + scale, ...) is one `DeltaTensor` subclass in a file of its
+own; everything else — the artifact format, the Hugging Face loader, `delta_report`, serving, the
+CLI — talks to a kind only through this class, so a new kind needs no edit outside its own file
+(checklist: docs/extending.md). A subclass provides:
+
+    tensor_data_names       ["base_weight", <the delta's inner tensors>...] (torchao's convention;
+                            the constructor takes them in this order, then the attributes)
+    tensor_attribute_names  JSON-able attributes (ints, tuples of ints), stored in the artifact
+    delta_layout(shape, attributes) -> {inner name: (shape, dtype)}   every tensor but base_weight
+    delta_term(x) -> fp32 (..., out)                                   x Δᵀ, without forming Δ
+    delta_weight() -> fp32 (out, in)                                   Δ itself
+    check_attributes(attributes) -> None or the reason they are invalid (optional)
+    describe() -> short text of the structure, e.g. "8b×2 3b×32" (optional)
+    low_rank_factors() -> PackedFactors or None (optional: batched multi-delta kernels)
+
+and gets, shared: the JSON `spec()` of a weight and its inverse `from_parts(spec, tensors)` (shapes
+and dtypes checked against `inner_layout(spec)`), `shell(spec)` (an empty weight of that structure),
+`delta_tensors()`, `delta_nbytes()`, `bits_per_param()`, `dequantize()`, `with_base()`, and the ops
+`F.linear` (fp32 delta term added to the base matmul), `aten._to_copy` (a dtype change applies to
+the base weight only: codes and scales keep theirs).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import torch
+from torchao.utils import TorchAOBaseTensor
+
+__all__ = ["DeltaTensor", "DeltaSpecError", "dtype_name", "parse_dtype", "is_plain"]
+
+aten = torch.ops.aten
+
+_DTYPES = {
+    str(d).removeprefix("torch."): d
+    for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+              torch.int16, torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2)
+}
+
+
+class DeltaSpecError(ValueError):
+    """A layer spec (the JSON structure of one compressed weight) is malformed or does not match its
+    tensors. The artifact and checkpoint readers re-raise it as their own format error."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: Any, where: str = "") -> torch.dtype:
+    if not isinstance(name, str) or name not in _DTYPES:
+        raise DeltaSpecError(f"{where}unsupported dtype {name!r}")
+    return _DTYPES[name]
+
+
+def is_plain(t: torch.Tensor) -> bool:
+    """A plain tensor or parameter (not a tensor subclass such as a quantized base)."""
+    return type(t) in (torch.Tensor, torch.nn.Parameter)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class DeltaTensor(TorchAOBaseTensor):
+    """Base class of compressed delta weights (see the module docstring for the contract).
+
+    Shape and dtype are the base weight's: (out_features, in_features), the model dtype.
+    """
+
+    # --- what a kind provides ---------------------------------------------------------------------
+
+    @classmethod
+    def delta_layout(cls, shape: tuple[int, int], attributes: Mapping[str, Any]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        raise NotImplementedError
+
+    def delta_term(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def check_attributes(cls, attributes: Mapping[str, Any]) -> Optional[str]:
+        return None
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+    def low_rank_factors(self):
+        """The delta as `factors.PackedFactors` when the kind stores it that way (then serving batches
+        it through the segmented kernel), else None (served through `delta_term`)."""
+        return None
+
+    # --- shared -----------------------------------------------------------------------------------
+
+    @property
+    def attributes(self) -> dict[str, Any]:
+        return {a: getattr(self, a) for a in self.tensor_attribute_names}
+
+    def delta_tensors(self) -> dict[str, torch.Tensor]:
+        """The stored delta: every inner tensor but `base_weight`."""
+        return {n: getattr(self, n) for n in self.tensor_data_names[1:]}
+
+    def delta_nbytes(self) -> int:
+        """Bytes of everything stored for the delta (codes, scales, zero-points, S, ...)."""
+        return sum(t.numel() * t.element_size() for t in self.delta_tensors().values())
+
+    def bits_per_param(self) -> float:
+        """Stored delta bits per weight parameter (1.0 = 1/16 of fp16)."""
+        return 8 * self.delta_nbytes() / max(self.base_weight.numel(), 1)
+
+    def dequantize(self, output_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The dense `W_base + Δ` in `output_dtype` (default the weight's dtype)."""
+        base = self.base_weight if is_plain(self.base_weight) else self.base_weight.dequantize()
+        return (base.float() + self.delta_weight()).to(output_dtype or self.dtype)
+
+    def with_base(self, base_weight: torch.Tensor) -> "DeltaTensor":
+        """The same delta over another base weight of the same shape and dtype — e.g. a torchao
+        quantized copy of the base (`Int8Tensor`): `F.linear` then runs the base term through that
+        tensor's own linear. Raises ValueError on a shape or dtype mismatch."""
+        if tuple(base_weight.shape) != tuple(self.shape) or base_weight.dtype != self.dtype:
+            raise ValueError(
+                f"base weight {tuple(base_weight.shape)} {base_weight.dtype} does not match the delta's "
+                f"{tuple(self.shape)} {self.dtype}"
+            )
+        return type(self)(base_weight, *self.delta_tensors().values(), *self.attributes.values())
+
+    # --- the JSON structure of one weight (the artifact and HF formats store it) -------------------
+
+    def spec(self) -> dict:
+        """JSON-able structure: everything needed to rebuild the weight from its inner tensors."""
+        spec = {
+            "tensor": type(self).__name__,
+            "shape": list(self.shape),
+            "dtype": dtype_name(self.dtype),
+            "delta_bytes": int(self.delta_nbytes()),
+        }
+        for name, value in self.attributes.items():
+            spec[name] = list(value) if isinstance(value, tuple) else value
+        return spec
+
+    @classmethod
+    def attributes_from_spec(cls, spec: Mapping, where: str = "layer") -> dict[str, Any]:
+        """The constructor attributes a spec describes (lists become tuples), validated."""
+        if not isinstance(spec, Mapping):
+            raise DeltaSpecError(f"{where}: a layer spec must be a JSON object, got {type(spec).__name__}")
+        missing = [a for a in cls.tensor_attribute_names if a not in spec]
+        if missing:
+            raise DeltaSpecError(f"{where}: {cls.__name__} spec lacks {missing}")
+        attributes = {a: tuple(spec[a]) if isinstance(spec[a], list) else spec[a] for a in cls.tensor_attribute_names}
+        problem = cls.check_attributes(attributes)
+        if problem:
+            raise DeltaSpecError(f"{where}: {problem}")
+        return attributes
+
+    @classmethod
+    def check_spec(cls, spec: Mapping, where: str = "layer") -> None:
+        """Raise `DeltaSpecError` if `spec` does not describe a weight of this kind."""
+        attributes = cls.attributes_from_spec(spec, where)
+        shape = spec.get("shape")
+        if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(d) and d > 0 for d in shape)):
+            raise DeltaSpecError(f"{where}: bad shape {shape!r}")
+        parse_dtype(spec.get("dtype"), f"{where}: ")
+        if not (_is_int(spec.get("delta_bytes", 0)) and spec.get("delta_bytes", 0) >= 0):
+            raise DeltaSpecError(f"{where}: bad delta_bytes {spec.get('delta_bytes')!r}")
+        try:
+            cls.delta_layout(tuple(shape), attributes)
+        except (ValueError, TypeError, OverflowError) as e:
+            raise DeltaSpecError(f"{where}: {e}") from None
+
+    @classmethod
+    def inner_layout(cls, spec: Mapping, dtype: Optional[torch.dtype] = None) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """{inner tensor name: (shape, dtype)} of the weight `spec` describes, `base_weight` first
+        (in `dtype`, default the spec's)."""
+        cls.check_spec(spec)
+        shape = tuple(spec["shape"])
+        out = {"base_weight": (shape, dtype or parse_dtype(spec["dtype"]))}
+        out.update(cls.delta_layout(shape, cls.attributes_from_spec(spec)))
+        if list(out) != list(cls.tensor_data_names):
+            raise TypeError(f"{cls.__name__}.delta_layout must list {cls.tensor_data_names[1:]} in order")
+        return out
+
+    @classmethod
+    def shell(cls, spec: Mapping, device: Any = "meta", dtype: Optional[torch.dtype] = None) -> "DeltaTensor":
+        """An uninitialised weight of the structure `spec` describes (every inner tensor empty)."""
+        inner = [torch.empty(shape, dtype=dt, device=device) for shape, dt in cls.inner_layout(spec, dtype).values()]
+        return cls(*inner, *cls.attributes_from_spec(spec).values())
+
+    @classmethod
+    def from_parts(cls, spec: Mapping, tensors: Mapping[str, torch.Tensor], where: str = "layer",
+                   dtype: Optional[torch.dtype] = None) -> "DeltaTensor":
+        """The weight `spec` describes, from its inner tensors (`base_weight` included), checking
+        that exactly the expected tensors are there with the expected shapes and dtypes.
+        `base_weight` is cast to `dtype` (default the spec's) — the only inner tensor whose dtype may
+        differ from the layout. Raises `DeltaSpecError` on any mismatch."""
+        try:
+            layout = cls.inner_layout(spec, dtype)
+        except DeltaSpecError as e:
+            raise DeltaSpecError(f"{where}: {e}") from None
+        missing, extra = sorted(set(layout) - set(tensors)), sorted(set(tensors) - set(layout))
+        if missing or extra:
+            raise DeltaSpecError(f"{where}: inner tensors missing {missing}, unexpected {extra}")
+        inner = []
+        for name, (shape, dt) in layout.items():
+            t = tensors[name]
+            if name == "base_weight" and t.dtype != dt and t.is_floating_point():
+                t = t.to(dt)
+            if tuple(t.shape) != tuple(shape) or t.dtype != dt:
+                raise DeltaSpecError(
+                    f"{where}: {name} is {tuple(t.shape)} {dtype_name(t.dtype)}, the layer's structure "
+                    f"({cls.__name__} {cls.attributes_from_spec(spec)}) needs {tuple(shape)} {dtype_name(dt)}"
+                )
+            inner.append(t.contiguous())
+        return cls(*inner, *cls.attributes_from_spec(spec).values())
+
+    def linear(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`x Wᵀ + b`: the base matmul in the input dtype plus the fp32 delta term, rounded once."""
+        y = torch.nn.functional.linear(x, self.base_weight if not is_plain(self.base_weight)
+                                       else self.base_weight.to(x.dtype))
+        y = (y.float() + self.delta_term(x)).to(x.dtype)
+        return y if bias is None else y + bias
+
+
+implements = DeltaTensor.implements
+implements_torch_function = DeltaTensor.implements_torch_function
+
+
+@implements(aten.linear.default)
+@implements_torch_function(torch.nn.functional.linear)
+def _(func, types, args, kwargs):
+    x, w = args[0], args[1]
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    return w.linear(x, bias)
+
+
+@implements(aten._to_copy.default)
+def _(func, types, args, kwargs):
+    """A device move applies to every inner tensor, a dtype change to the base weight only."""
+    w = args[0]
+    device, dtype = kwargs.get("device") or w.device, kwargs.get("dtype")
+    base = w.base_weight.to(device=device, dtype=dtype if dtype is not None and dtype.is_floating_point else None)
+    moved = [t.to(device) for t in w.delta_tensors().values()]
+    return type(w)(base, *moved, *w.attributes.values())

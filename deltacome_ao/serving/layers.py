@@ -1,0 +1,351 @@
+"""Multi-delta layers: one base module, many deltas, each batch row routed to its own.
+
+`MultiDeltaLinear` replaces an `nn.Linear`: it holds the base weight (and bias) once and a registry
+of deltas. Its forward computes `x W_baseᵀ` for every row in one matmul, then adds each active
+delta's term on its rows: deltas stored as packed low-rank factors go through one
+`deltacome::segmented_delta_linear` call for all of them (Punica SGMV / vLLM multi-LoRA style; the
+Triton kernel on CUDA), other kinds through their own `DeltaTensor.delta_term`. `MultiDeltaEmbedding`
+and `MultiDeltaModule` serve the kept (dense) tensors of a delta — an embedding table, or the
+parameters of a leaf module such as a norm — per row.
+
+All three share `MultiDeltaLayer`: a copy-on-write registry (id -> `DeltaEntry`) that forwards read
+as one consistent snapshot, `add_delta` / `remove` / `delta_ids` / `delta_nbytes`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..delta_tensor import DeltaTensor
+from ..factors import PackedFactors, low_rank_term
+from ..fingerprint import BaseMismatchError
+from ..ops import segmented_delta
+from .routing import Routing, UnknownDeltaError, UnsupportedDeltaError, resolve_routing
+
+__all__ = ["DeltaEntry", "MultiDeltaLayer", "MultiDeltaLinear", "MultiDeltaEmbedding", "MultiDeltaModule",
+           "wrap_module", "wrapper_class"]
+
+
+@dataclass(frozen=True)
+class DeltaEntry:
+    """What one delta does to one layer: a compressed delta added to the base output (`delta`, with
+    its `factors` when low-rank, and their fp32 dequantized `cache` when kept), and/or dense
+    replacements of the layer's own tensors (`dense`: {"weight": ..., "bias": ...} or a leaf
+    module's parameters). All empty: the layer is the base for this delta."""
+
+    name: str
+    delta: Optional[DeltaTensor] = None
+    factors: Optional[PackedFactors] = None
+    cache: Optional[tuple] = None
+    dense: Optional[Mapping[str, torch.Tensor]] = None
+
+    def nbytes(self) -> int:
+        n = self.delta.delta_nbytes() if self.delta is not None else 0
+        for t in (*(self.cache or ()), *(self.dense or {}).values()):
+            n += t.numel() * t.element_size()
+        return n
+
+    def changes(self) -> bool:
+        return self.delta is not None or bool(self.dense)
+
+
+class _Registry:
+    """Copy-on-write: `entries` (id -> DeltaEntry) and `names` are replaced, never mutated, under
+    `lock`, so a forward reads one consistent snapshot."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.entries: dict[int, DeltaEntry] = {}
+        self.names: dict[str, int] = {}
+        self._next = itertools.count()
+
+    def add(self, entry: DeltaEntry, delta_id: Optional[int]) -> int:
+        with self.lock:
+            if entry.name in self.names:
+                raise ValueError(f"a delta named {entry.name!r} is already registered; remove it first")
+            if delta_id is None:
+                delta_id = next(self._next)
+                while delta_id in self.entries:
+                    delta_id = next(self._next)
+            elif delta_id < 0 or delta_id in self.entries:
+                raise ValueError(f"delta id {delta_id} is negative or already used")
+            self.entries = {**self.entries, delta_id: entry}
+            self.names = {**self.names, entry.name: delta_id}
+            return delta_id
+
+    def remove(self, name: str) -> int:
+        with self.lock:
+            if name not in self.names:
+                raise UnknownDeltaError(f"no delta named {name!r}; loaded: {sorted(self.names)}")
+            delta_id = self.names[name]
+            self.names = {k: v for k, v in self.names.items() if k != name}
+            self.entries = {k: v for k, v in self.entries.items() if k != delta_id}
+            return delta_id
+
+
+class MultiDeltaLayer(torch.nn.Module):
+    """Shared part of the multi-delta layers: the delta registry and its queries."""
+
+    def __init__(self):
+        super().__init__()
+        self._registry = _Registry()
+
+    def add_delta(self, name: str, delta: Optional[DeltaTensor] = None, dense: Optional[Mapping[str, torch.Tensor]] = None,
+                  *, delta_id: Optional[int] = None) -> int:
+        """Register delta `name` here (a compressed `delta` and/or `dense` replacements of this
+        layer's tensors; neither = this layer is the base for it); returns its id."""
+        return self._registry.add(self._entry(name, delta, dict(dense or {})), delta_id)
+
+    def _entry(self, name, delta, dense) -> DeltaEntry:
+        raise NotImplementedError
+
+    @classmethod
+    def serves(cls, module: torch.nn.Module, leaf: str) -> bool:
+        """Whether a delta's dense replacement of `module.<leaf>` can be served per row here."""
+        raise NotImplementedError
+
+    def remove(self, name: str) -> int:
+        return self._registry.remove(name)
+
+    def delta_ids(self) -> dict[str, int]:
+        return dict(self._registry.names)
+
+    def delta_nbytes(self, name: Optional[str] = None) -> int:
+        """Bytes held for delta `name` here (all deltas when None): packed delta, caches, dense copies."""
+        entries, names = self._registry.entries, self._registry.names
+        ids = [names[name]] if name is not None else list(entries)
+        return sum(entries[i].nbytes() for i in ids)
+
+    def _snapshot(self, r: Optional[Routing]) -> dict[int, DeltaEntry]:
+        entries = self._registry.entries  # one read: a consistent snapshot
+        if r is not None:
+            missing = [d for d in r.active() if d not in entries]
+            if missing:
+                raise UnknownDeltaError(f"{type(self).__name__}: delta id(s) {missing} are not loaded here; "
+                                        f"loaded ids: {sorted(entries)}")
+        return entries
+
+    def _deltas_repr(self) -> str:
+        return f"deltas={sorted(self._registry.names)}"
+
+
+class MultiDeltaLinear(MultiDeltaLayer):
+    """An `nn.Linear` serving the base and many deltas at once (see the module docstring).
+
+    `weight` / `bias` are the base module's own parameters (same names, so state dicts and base
+    fingerprints are unchanged). `add(name, tensor)` registers a compressed weight built on this base
+    weight (or `weight=` / `bias=` dense replacements, or nothing: a delta that leaves this layer as
+    the base) and returns its id; `remove(name)`. Forward: `layer(x, delta_ids)` with `x` (B, ..., in)
+    and `delta_ids` (B,) (-1 = base), or `layer(x)` inside `routing(...)` / `MultiDeltaModel.route(...)`;
+    without either, base only.
+
+    cache_dequantized: keep V̂ and Ûᵀ of low-rank deltas dequantized in fp32 (4·r·(in+out) bytes per
+    delta and layer, ~14x the packed size at alpha = 1/16) instead of unpacking each active delta's
+    factors once per forward (the default; transient memory only).
+    """
+
+    def __init__(self, linear: torch.nn.Linear, cache_dequantized: bool = False):
+        super().__init__()
+        if isinstance(linear.weight, DeltaTensor):
+            raise ValueError("wrap a plain nn.Linear (the base), not a compressed one")
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.cache_dequantized = cache_dequantized
+
+    @classmethod
+    def serves(cls, module, leaf):
+        return leaf in ("weight", "bias")
+
+    def add(self, name: str, tensor: Optional[DeltaTensor] = None, *, weight=None, bias=None,
+            delta_id: Optional[int] = None, check_base: bool = True) -> int:
+        """Register `tensor` (a compressed weight of this layer's shape; `check_base`: built on this
+        exact base weight) and/or dense `weight` / `bias` replacements under `name`; returns its id."""
+        if tensor is not None and check_base and not torch.equal(tensor.base_weight.to(self.weight.dtype),
+                                                                  self.weight.detach()):
+            raise BaseMismatchError(f"{name}: the delta was made against another base weight")
+        dense = {k: v for k, v in (("weight", weight), ("bias", bias)) if v is not None}
+        return self.add_delta(name, tensor, dense, delta_id=delta_id)
+
+    def _entry(self, name, delta, dense):
+        factors = cache = None
+        if delta is not None:
+            if not isinstance(delta, DeltaTensor):
+                raise UnsupportedDeltaError(f"{name}: not a compressed weight: {type(delta).__name__}")
+            if tuple(delta.shape) != tuple(self.weight.shape):
+                raise ValueError(f"{name}: delta shape {tuple(delta.shape)}, layer {tuple(self.weight.shape)}")
+            delta = delta.to(self.weight.device)
+            factors = delta.low_rank_factors()
+            if factors is not None and self.cache_dequantized:
+                cache = factors.dequantize()
+        for leaf, value in dense.items():
+            want = tuple(self.weight.shape) if leaf == "weight" else (self.out_features,)
+            if leaf not in ("weight", "bias") or tuple(value.shape) != want:
+                raise ValueError(f"{name}: replacement {leaf} {tuple(value.shape)}, layer {leaf} {want}")
+            dense[leaf] = value.detach().to(self.weight.device)
+        return DeltaEntry(name, delta, factors, cache, dense or None)
+
+    def forward(self, x: torch.Tensor, delta_ids=None) -> torch.Tensor:
+        r = resolve_routing(delta_ids, x.shape[0]) if x.dim() > 1 else None
+        entries = self._snapshot(r)
+        groups = [(entries[d], rows) for d, rows in (r.groups_on(x.device) if r is not None else [])
+                  if entries[d].changes()]
+        y = F.linear(x, self.weight.to(x.dtype))
+        if not groups:
+            return y if self.bias is None else y + self.bias
+        for e, rows in groups:
+            if e.dense and "weight" in e.dense:
+                y.index_copy_(0, rows, F.linear(x.index_select(0, rows), e.dense["weight"].to(x.dtype)))
+        packed = [(rows, e.factors) for e, rows in groups if e.factors is not None and e.cache is None]
+        if packed:
+            y = segmented_delta(y, x, packed)
+        for e, rows in groups:
+            if e.cache is not None:
+                v, ut = e.cache
+                yg = (y.index_select(0, rows).float() + low_rank_term(x.index_select(0, rows), v, ut, e.factors.s))
+                y.index_copy_(0, rows, yg.to(y.dtype))
+            elif e.delta is not None and e.factors is None:
+                yg = y.index_select(0, rows).float() + e.delta.delta_term(x.index_select(0, rows))
+                y.index_copy_(0, rows, yg.to(y.dtype))
+        return y + self._bias_rows(x, y, groups)
+
+    def _bias_rows(self, x, y, groups):
+        biased = [(e, rows) for e, rows in groups if e.dense and "bias" in e.dense]
+        if not biased:
+            return 0 if self.bias is None else self.bias
+        base_bias = self.bias if self.bias is not None else y.new_zeros(self.out_features)
+        per_row = base_bias.to(y.dtype).expand(x.shape[0], self.out_features).clone()
+        for e, rows in biased:
+            per_row[rows] = e.dense["bias"].to(y.dtype)
+        return per_row.reshape(x.shape[0], *([1] * (y.dim() - 2)), self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"{self._deltas_repr()}")
+
+
+class MultiDeltaEmbedding(MultiDeltaLayer):
+    """An `nn.Embedding` whose rows may use a delta's own table (a kept `embed_tokens.weight`):
+    base lookup for every row, then each such delta's rows are looked up in its table."""
+
+    def __init__(self, embedding: torch.nn.Embedding):
+        super().__init__()
+        if embedding.max_norm is not None:
+            raise UnsupportedDeltaError("embeddings with max_norm are not supported")
+        self.weight = embedding.weight
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+        self.padding_idx = embedding.padding_idx
+
+    @classmethod
+    def serves(cls, module, leaf):
+        return leaf == "weight"
+
+    def add(self, name: str, weight: Optional[torch.Tensor] = None, *, delta_id: Optional[int] = None) -> int:
+        return self.add_delta(name, None, {"weight": weight} if weight is not None else None, delta_id=delta_id)
+
+    def _entry(self, name, delta, dense):
+        if delta is not None or set(dense) - {"weight"}:
+            raise UnsupportedDeltaError(f"{name}: an embedding serves a replacement table only")
+        if "weight" in dense:
+            if dense["weight"].shape != self.weight.shape:
+                raise ValueError(f"{name}: replacement table {tuple(dense['weight'].shape)}, embedding {tuple(self.weight.shape)}")
+            dense["weight"] = dense["weight"].detach().to(self.weight.device)
+        return DeltaEntry(name, dense=dense or None)
+
+    def forward(self, input_ids: torch.Tensor, delta_ids=None) -> torch.Tensor:
+        r = resolve_routing(delta_ids, input_ids.shape[0]) if input_ids.dim() > 1 else None
+        entries = self._snapshot(r)
+        y = F.embedding(input_ids, self.weight, self.padding_idx)
+        if r is not None:
+            for d, rows in r.groups_on(input_ids.device):
+                dense = entries[d].dense
+                if dense:
+                    y.index_copy_(0, rows, F.embedding(input_ids.index_select(0, rows), dense["weight"], self.padding_idx))
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self._deltas_repr()}"
+
+
+class MultiDeltaModule(MultiDeltaLayer):
+    """Any other leaf module (RMSNorm, LayerNorm, ...) whose parameters deltas replace. The base
+    module runs on every row, then each such delta's rows run through it again with the delta's
+    parameters (`torch.func.functional_call`), so whatever the module computes, a row gets what
+    the delta's model alone gives. Needs a forward whose first argument and output are batch-first
+    tensors, as norms have. The module's parameters are registered here under their own names
+    (state dicts and base fingerprints are unchanged); the module itself is not a submodule."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        if next(module.children(), None) is not None:
+            raise UnsupportedDeltaError(f"{type(module).__name__} has submodules; only leaf modules can be served per row")
+        object.__setattr__(self, "_inner", module)
+        for n, p in module.named_parameters(recurse=False):
+            self.register_parameter(n, p)
+        for n, b in module.named_buffers(recurse=False):
+            self.register_buffer(n, b)
+
+    @classmethod
+    def serves(cls, module, leaf):
+        return next(module.children(), None) is None and leaf in dict(module.named_parameters(recurse=False))
+
+    def add(self, name: str, params: Optional[Mapping[str, torch.Tensor]] = None, *, delta_id: Optional[int] = None) -> int:
+        return self.add_delta(name, None, params, delta_id=delta_id)
+
+    def _entry(self, name, delta, dense):
+        own = dict(self._inner.named_parameters(recurse=False))
+        if delta is not None:
+            raise UnsupportedDeltaError(f"{name}: {type(self._inner).__name__} serves parameter replacements only")
+        for leaf, value in dense.items():
+            if leaf not in own or own[leaf].shape != value.shape:
+                raise ValueError(f"{name}: {leaf} {tuple(value.shape)} does not match {type(self._inner).__name__}'s parameters "
+                                 f"{ {k: tuple(v.shape) for k, v in own.items()} }")
+            dense[leaf] = value.detach().to(own[leaf].device, own[leaf].dtype)
+        return DeltaEntry(name, dense=dense or None)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        r = resolve_routing(None, x.shape[0]) if x.dim() > 1 else None
+        entries = self._snapshot(r)
+        y = self._inner(x, *args, **kwargs)
+        if r is None:
+            return y
+        for d, rows in r.groups_on(x.device):
+            params = entries[d].dense
+            if params:
+                yg = torch.func.functional_call(self._inner, dict(params), (x.index_select(0, rows), *args), kwargs)
+                y = y.index_copy(0, rows, yg)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{type(self._inner).__name__}, {self._deltas_repr()}"
+
+
+def wrapper_class(module: torch.nn.Module) -> Optional[type]:
+    """The multi-delta layer class that serves `module` (an embedding, a linear layer or another leaf
+    module), or None when none can."""
+    if isinstance(module, MultiDeltaLayer):
+        return type(module)
+    if isinstance(module, torch.nn.Embedding):
+        return MultiDeltaEmbedding
+    if isinstance(module, torch.nn.Linear):
+        return MultiDeltaLinear
+    if next(module.children(), None) is None:
+        return MultiDeltaModule
+    return None
+
+
+def wrap_module(module: torch.nn.Module, cache_dequantized: bool = False) -> MultiDeltaLayer:
+    """`module` wrapped in its multi-delta layer (itself if it is one); UnsupportedDeltaError if none."""
+    cls = wrapper_class(module)
+    if cls is None:
+        raise UnsupportedDeltaError(f"{type(module).__name__} has submodules and cannot be served per row")
+    if isinstance(module, MultiDeltaLayer):
+        return module
+    return cls(module, cache_dequantized) if cls is MultiDeltaLinear else cls(module)

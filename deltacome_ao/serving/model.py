@@ -1,0 +1,258 @@
+"""`MultiDeltaModel`: a Hugging Face causal LM serving many deltas at once, one per batch row.
+
+`load_delta(name, dir)` reads an artifact written by `save_delta` (through `artifact.load_delta`
+itself, on a throw-away module tree that shares the base's tensors, so the format and fingerprint
+checks are the artifact's own), wraps every module a delta touches in its multi-delta layer
+(`layers.py`), and routes each batch row to its delta: `model(input_ids, delta_ids=[...])`,
+`model.generate(input_ids, delta_ids=[...], ...)`.
+
+Kept (non-linear) tensors of a delta — those that differ from the base — are served per row when
+they are the weight of an `nn.Embedding`, the weight / bias of an `nn.Linear` (e.g. `lm_head`), or
+parameters of any other leaf module with a batch-first forward, such as the RMSNorm / LayerNorm
+weights every full fine-tune changes. Buffers and parameters of modules with children are refused
+with `UnsupportedDeltaError`. See docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import os
+import threading
+from typing import Union
+
+import torch
+
+from ..artifact import get_tensor, load_delta
+from ..checkpoint import few
+from ..compress import compressed_layers
+from ..fingerprint import same
+from ..format import read_delta_config
+from .layers import MultiDeltaLayer, wrap_module, wrapper_class
+from .routing import BASE, DeltaInUseError, Routing, UnknownDeltaError, UnsupportedDeltaError, routing
+
+__all__ = ["MultiDeltaModel"]
+
+
+def _structural_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the module tree that shares every parameter and buffer (nothing is copied but
+    Python objects), for `artifact.load_delta` to swap tensors on without touching `model`."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def _split(name: str) -> tuple[str, str]:
+    owner, _, leaf = name.rpartition(".")
+    return owner, leaf
+
+
+class MultiDeltaModel(torch.nn.Module):
+    """A Hugging Face causal LM serving many deltas at once, one per batch row.
+
+    `MultiDeltaModel(base)` wraps `base` in place (modules are replaced by multi-delta ones as
+    deltas need them; parameter names are unchanged). `load_delta(name, delta_dir)` -> delta id,
+    `unload_delta(name)`, `deltas()`. Rows are routed with `delta_ids`: a sequence of names / ids /
+    None (base), or a (B,) int tensor of ids (-1 = base):
+
+        served(input_ids, delta_ids=["a", None, "b"])          # -> the base model's output type
+        served.generate(input_ids, delta_ids=["a", None, "b"], max_new_tokens=8)
+        with served.route(["a", None, "b"]):                   # any call of the base inside
+            served.model(input_ids)
+
+    A delta routed to by a running forward / generate is pinned: `unload_delta` raises
+    `DeltaInUseError` until it finishes. Thread-safe: loads, unloads and forwards may run in
+    different threads (the routing is a context variable, i.e. per thread).
+    """
+
+    def __init__(self, base: torch.nn.Module, cache_dequantized: bool = False):
+        """cache_dequantized: see `MultiDeltaLinear` (memory for speed; off by default)."""
+        super().__init__()
+        already = sorted(compressed_layers(base))
+        if already:
+            raise ValueError(f"the base holds compressed weights ({few(already)}); pass a plain base")
+        self.model = base
+        self.cache_dequantized = cache_dequantized
+        self._lock = threading.RLock()
+        self._ids: dict[str, int] = {}
+        self._pins: dict[int, int] = {}
+        self._next_id = itertools.count()
+        # plain modules sharing the base's tensors (not a registered submodule: no duplicate state)
+        object.__setattr__(self, "_skeleton", _structural_copy(base))
+
+    # --- registry ---
+
+    def deltas(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._ids)
+
+    def multi_modules(self) -> dict[str, torch.nn.Module]:
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, MultiDeltaLayer)}
+
+    def load_delta(self, name: str, delta_dir: Union[str, os.PathLike], verify: str = "full") -> int:
+        """Read the artifact at `delta_dir` (format and base fingerprint checked by
+        `artifact.load_delta`), register it under `name` in every layer it touches, return its id.
+        Nothing changes if it fails."""
+        if not isinstance(name, str) or not name:
+            raise ValueError("a delta name must be a non-empty string")
+        with self._lock:
+            if name in self._ids:
+                raise ValueError(f"a delta named {name!r} is already loaded; unload it first")
+        document = read_delta_config(delta_dir)
+        loaded = load_delta(_structural_copy(self._skeleton), delta_dir, verify=verify)
+        layers, dense = self._plan(loaded, document)
+        with self._lock:
+            if name in self._ids:
+                raise ValueError(f"a delta named {name!r} is already loaded; unload it first")
+            delta_id = next(self._next_id)
+            added = []
+            try:
+                for module_name in sorted(set(layers) | set(dense)):
+                    module = self._multi(module_name)
+                    module.add_delta(name, layers.get(module_name), dense.get(module_name), delta_id=delta_id)
+                    added.append(module)
+                for module in self.multi_modules().values():  # every other multi module: base for this delta
+                    if module not in added:
+                        module.add_delta(name, delta_id=delta_id)
+                        added.append(module)
+            except BaseException:
+                for module in added:
+                    module.remove(name)
+                raise
+            self._ids[name] = delta_id
+            self._pins[delta_id] = 0
+            return delta_id
+
+    def _plan(self, loaded: torch.nn.Module, document: dict):
+        """-> ({module: compressed weight}, {module: {leaf: dense tensor}}) of one delta loaded onto a
+        structural copy; refuses what cannot be served per row."""
+        layers = {name: loaded.get_submodule(name).weight for name in document["layers"]}
+        base_state = dict(self._skeleton.state_dict(keep_vars=True))
+        kept_names = set(document.get("kept", []))
+        kept_names |= {alias for alias, target in document.get("aliases", {}).items() if target in kept_names}
+        dense, refused = {}, []
+        for key in sorted(kept_names):
+            value = get_tensor(loaded, key)
+            if key in base_state and same(value.detach(), base_state[key].detach()):
+                continue  # stored (e.g. saved without a base) but equal to the base's: nothing to serve
+            owner, leaf = _split(key)
+            module = self._skeleton.get_submodule(owner) if owner else self._skeleton
+            cls = wrapper_class(module)
+            # a compressed layer's weight is never a kept tensor
+            ok = cls is not None and cls.serves(module, leaf) and not (owner in layers and leaf == "weight")
+            if not ok:
+                refused.append(f"{key} ({type(module).__name__})")
+                continue
+            dense.setdefault(owner, {})[leaf] = value.detach()
+        if refused:
+            raise UnsupportedDeltaError(
+                f"the delta changes tensors that cannot be swapped per row: {few(refused)}; only "
+                "projection deltas, nn.Embedding tables, nn.Linear weights/biases (e.g. lm_head) and parameters of "
+                "leaf modules such as norms can be served in a mixed batch — serve this fine-tune alone with artifact.load_delta")
+        return layers, dense
+
+    def _multi(self, module_name: str) -> torch.nn.Module:
+        """The multi-delta module at `module_name`, wrapping the base module there first if needed
+        (with every loaded delta registered as 'base' in it). Caller holds the lock."""
+        current = self.model.get_submodule(module_name)
+        if isinstance(current, MultiDeltaLayer):
+            return current
+        try:
+            wrapped = wrap_module(current, self.cache_dequantized)
+        except UnsupportedDeltaError as e:
+            raise UnsupportedDeltaError(f"{module_name}: {e}") from None
+        for other, delta_id in self._ids.items():
+            wrapped.add_delta(other, delta_id=delta_id)
+        owner, leaf = _split(module_name)
+        setattr(self.model.get_submodule(owner) if owner else self.model, leaf, wrapped)
+        return wrapped
+
+    def unload_delta(self, name: str):
+        """Remove a delta everywhere. Raises `DeltaInUseError` while a forward / generate routed
+        to it runs, `UnknownDeltaError` if it is not loaded."""
+        with self._lock:
+            if name not in self._ids:
+                raise UnknownDeltaError(f"no delta named {name!r}; loaded: {sorted(self._ids)}")
+            delta_id = self._ids[name]
+            if self._pins.get(delta_id):
+                raise DeltaInUseError(
+                    f"delta {name!r} (id {delta_id}) is used by {self._pins[delta_id]} running forward/generate "
+                    "call(s); unload it when they finish")
+            del self._ids[name]
+            del self._pins[delta_id]
+            for module in self.multi_modules().values():
+                if name in module.delta_ids():
+                    module.remove(name)
+
+    def delta_nbytes(self, name: str) -> int:
+        """Bytes held for one delta (packed factors, dequantized caches, dense copies)."""
+        with self._lock:
+            if name not in self._ids:
+                raise UnknownDeltaError(f"no delta named {name!r}")
+            return sum(m.delta_nbytes(name) for m in self.multi_modules().values())
+
+    # --- routing ---
+
+    def resolve_ids(self, delta_ids) -> torch.Tensor:
+        """Names / ids / None -> a (B,) int64 tensor of ids (-1 = base); unknown -> UnknownDeltaError."""
+        with self._lock:
+            known = dict(self._ids)
+        if isinstance(delta_ids, torch.Tensor):
+            ids = delta_ids.detach().to("cpu", torch.long).reshape(-1)
+        else:
+            out = []
+            for d in delta_ids:
+                if d is None:
+                    out.append(BASE)
+                elif isinstance(d, str):
+                    if d not in known:
+                        raise UnknownDeltaError(f"no delta named {d!r}; loaded: {sorted(known)}")
+                    out.append(known[d])
+                else:
+                    out.append(int(d))
+            ids = torch.tensor(out, dtype=torch.long)
+        bad = sorted({int(i) for i in ids.tolist() if i != BASE and i not in known.values()})
+        if bad:
+            raise UnknownDeltaError(f"unknown delta id(s) {bad}; loaded: {known} ({BASE} = base)")
+        return ids
+
+    @contextlib.contextmanager
+    def route(self, delta_ids):
+        """Route the base's multi-delta modules per row inside the block; pins the deltas used."""
+        ids = self.resolve_ids(delta_ids)
+        r = Routing(ids)
+        with self._lock:
+            missing = [d for d in r.active() if d not in self._pins]
+            if missing:  # unloaded between resolve_ids and here
+                raise UnknownDeltaError(f"delta id(s) {missing} were unloaded")
+            for d in r.active():
+                self._pins[d] += 1
+        try:
+            with routing(r):
+                yield r
+        finally:
+            with self._lock:
+                for d in r.active():
+                    if d in self._pins:
+                        self._pins[d] -= 1
+
+    def forward(self, input_ids=None, delta_ids=None, **kwargs):
+        if delta_ids is None:
+            return self.model(input_ids=input_ids, **kwargs)
+        with self.route(delta_ids):
+            return self.model(input_ids=input_ids, **kwargs)
+
+    def generate(self, input_ids=None, delta_ids=None, **kwargs):
+        """`base.generate` with every row routed to its delta for the whole generation. With
+        `num_beams` / `num_return_sequences` the ids are repeated like HF repeats the rows."""
+        if delta_ids is None:
+            return self.model.generate(input_ids, **kwargs)
+        ids = self.resolve_ids(delta_ids)
+        gen = getattr(self.model, "generation_config", None)
+        beams = kwargs.get("num_beams") or getattr(gen, "num_beams", 1) or 1
+        seqs = kwargs.get("num_return_sequences") or getattr(gen, "num_return_sequences", 1) or 1
+        expand = int(beams) if int(beams) > 1 else int(seqs)  # HF: beams expand the batch, else return sequences
+        if expand > 1:
+            ids = ids.repeat_interleave(expand)
+        with self.route(ids):
+            return self.model.generate(input_ids, **kwargs)

@@ -1,0 +1,65 @@
+"""What the running torchao `quantize_` call is doing — the one place that reads torchao's internals.
+
+torchao 0.18 calls a config's handler as `handler(module, config)`, one module at a time, without
+the module's name or the model. Delta compression needs both (the base weight is found by name,
+and the whole model is compressed all-or-nothing), so the `quantize_` shortcut of `DeltaCoMeConfig`
+asks this module which walk it is in. Two call paths exist in the pinned torchao:
+
+- `quantize_(model, config, filter_fn, device)` recurses through
+  `_replace_with_custom_fn_if_matches_filter(model, replacement_fn, filter_fn, cur_fqn, device, ...)`:
+  the outermost such frame holds the root `model`, `filter_fn` and `device`;
+- `quantize_(model, FqnToConfig({...}))` calls `_fqn_to_config_handler(module, fqn, config)` per
+  matching module: that frame holds the module's `fqn`, and `quantize_`'s frame holds `model`.
+
+`tests/test_torchao_contract.py` pins these names against the installed torchao, so an upgrade that
+changes them fails loudly there instead of silently compressing the wrong way. Everything else
+uses `compress_(model, config)`, which needs none of this.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+__all__ = ["Walk", "current_walk", "WALK_FUNCTION", "FQN_FUNCTION", "QUANTIZE_FUNCTION"]
+
+WALK_FUNCTION = "_replace_with_custom_fn_if_matches_filter"
+FQN_FUNCTION = "_fqn_to_config_handler"
+QUANTIZE_FUNCTION = "quantize_"
+
+
+@dataclass(frozen=True)
+class Walk:
+    """One running `quantize_` call: its root model, and either the filter and device of a module
+    walk, or the fully qualified name of the one module an `FqnToConfig` entry hands over."""
+
+    key: int  # identifies the call (id of its outermost frame) while it runs
+    root: torch.nn.Module
+    filter_fn: Optional[Callable] = None
+    device: Any = None
+    fqn: Optional[str] = None
+
+
+def current_walk() -> Optional[Walk]:
+    """The torchao `quantize_` call the caller runs inside, or None (called directly)."""
+    frame, walk, fqn, quantize = sys._getframe(1), None, None, None
+    while frame is not None:
+        name = frame.f_code.co_name
+        if name == WALK_FUNCTION:
+            walk = frame  # keep going: the outermost one has the root
+        elif name == FQN_FUNCTION and fqn is None:
+            fqn = frame
+        elif name == QUANTIZE_FUNCTION and "torchao" in frame.f_code.co_filename:
+            quantize = frame
+            break
+        frame = frame.f_back
+    if walk is not None:
+        local = walk.f_locals
+        return Walk(id(walk), local["model"], filter_fn=local["filter_fn"], device=local.get("device"))
+    if fqn is not None and quantize is not None:
+        return Walk(id(fqn), quantize.f_locals["model"], device=quantize.f_locals.get("device"),
+                    fqn=fqn.f_locals["fqn"])
+    return None
