@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 # public name -> module that defines it
 _PUBLIC = {

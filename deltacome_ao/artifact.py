@@ -31,7 +31,14 @@ from .checkpoint import BaseWeights, few, unaliased, write_dir_atomic
 from .compress import compressed_layers
 from .config import DeltaCoMeConfig
 from .delta_tensor import DeltaTensor, dtype_name, parse_dtype
-from .fingerprint import BaseMismatchError, VERIFY_LEVELS, check_base, fingerprint, same, tensor_entry
+from .fingerprint import (
+    VERIFY_LEVELS,
+    BaseMismatchError,
+    check_base,
+    fingerprint,
+    same,
+    tensor_entry,
+)
 from .format import (
     CONFIG_NAME,
     FORMAT,
@@ -51,6 +58,7 @@ from .format import (
     stored_names,
     weight_key,
 )
+from .version import __version__
 
 __all__ = [
     "save_delta",
@@ -183,8 +191,6 @@ class DeltaArtifact:
 
     def document(self) -> dict:
         """The `delta_config.json` content."""
-        from . import __version__
-
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,

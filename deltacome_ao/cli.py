@@ -23,7 +23,7 @@ from typing import Optional
 
 import click
 
-from . import __version__
+from .version import __version__
 
 __all__ = ["main", "encode_text", "text_windows"]
 

@@ -126,8 +126,13 @@ class DeltaCoMeConfig(AOBaseConfig):
         `hessian`: Σ xᵀx / N of the layer's calibration inputs (GPTQ), or None (RTN)."""
         method = get_method(self.method)
         if hessian is not None and method.calibrated:
-            return method.compress(finetuned, base, self, name=name, hessian=hessian)
-        return method.compress(finetuned, base, self, name=name)
+            weight = method.compress(finetuned, base, self, name=name, hessian=hessian)
+        else:
+            weight = method.compress(finetuned, base, self, name=name)
+        if type(weight) is not method.tensor:
+            raise TypeError(f"method {self.method!r} is registered with {method.tensor.__name__} but its compress "
+                            f"function returned {type(weight).__name__}")
+        return weight.with_contiguous_parts()
 
 
 def _is_int(v) -> bool:

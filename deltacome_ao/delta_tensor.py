@@ -118,6 +118,13 @@ class DeltaTensor(TorchAOBaseTensor):
         base = self.base_weight if is_plain(self.base_weight) else self.base_weight.dequantize()
         return (base.float() + self.delta_weight()).to(output_dtype or self.dtype)
 
+    def with_contiguous_parts(self) -> "DeltaTensor":
+        """The same weight with every inner tensor contiguous: the layout every stored form (artifact,
+        checkpoint) reloads with, so results before saving and after loading agree bit for bit."""
+        if all(getattr(self, n).is_contiguous() for n in self.tensor_data_names):
+            return self
+        return type(self)(*(getattr(self, n).contiguous() for n in self.tensor_data_names), *self.attributes.values())
+
     def with_base(self, base_weight: torch.Tensor) -> "DeltaTensor":
         """The same delta over another base weight of the same shape and dtype — e.g. a torchao
         quantized copy of the base (`Int8Tensor`): `F.linear` then runs the base term through that

@@ -55,6 +55,7 @@ from .format import (
     stored_names,
 )
 from .methods import tensor_kinds
+from .version import __version__
 
 __all__ = ["QUANT_METHOD", "DeltaCoMeHfConfig", "DeltaCoMeHfQuantizer", "enable_save_pretrained", "save_pretrained"]
 
@@ -88,9 +89,7 @@ class DeltaCoMeHfConfig(QuantizationConfigMixin):
             )
         self.format_version = format_version
         if library_version is None:
-            import deltacome_ao
-
-            library_version = deltacome_ao.__version__
+            library_version = __version__
         self.library_version = library_version
         self.method, self.alpha, self.group_size = method, alpha, group_size
         self.allocation, self.calibrated = allocation, calibrated

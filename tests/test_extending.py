@@ -1,0 +1,168 @@
+"""A new compression method is one class + one registration line (docs/extending.md).
+
+The toy kind below — an fp16 rank-r delta, a different tensor layout with an attribute of its own —
+is defined here, in the test, and nothing in the package is edited for it. Everything a built-in
+method gets must then work for it: the config, `compress_` and `quantize_`, `delta_report`,
+`torch.compile`, the delta artifact, the Hugging Face checkpoint, a `weights_only` state dict,
+multi-delta serving next to a Delta-CoMe delta, and the CLI.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from click.testing import CliRunner
+from torchao import quantize_
+from transformers import AutoModelForCausalLM
+
+from deltacome_ao import DeltaCoMeConfig, DeltaTensor, MultiDeltaModel, compress_, delta_report, load_delta, save_delta
+from deltacome_ao.cli import main
+from deltacome_ao.decompose import weight_delta
+from deltacome_ao.hf import save_pretrained
+from deltacome_ao.methods import register_method
+from tiny_models import LAYER_NAMES, ids, structured_finetune, tiny
+
+RANK = 4
+
+
+class ToyLowRankTensor(DeltaTensor):
+    """`W_base + U V` with U (out, rank) and V (rank, in) in fp16."""
+
+    tensor_data_names = ["base_weight", "u", "v"]
+    tensor_attribute_names = ["rank"]
+
+    def __new__(cls, base_weight, u, v, rank):
+        return torch.Tensor._make_wrapper_subclass(cls, base_weight.shape, dtype=base_weight.dtype,
+                                                   device=base_weight.device, requires_grad=False)
+
+    def __init__(self, base_weight, u, v, rank):
+        super().__init__()
+        self.base_weight, self.u, self.v, self.rank = base_weight, u, v, int(rank)
+
+    @classmethod
+    def delta_layout(cls, shape, attributes):
+        out_features, in_features = shape
+        r = attributes["rank"]
+        return {"u": ((out_features, r), torch.float16), "v": ((r, in_features), torch.float16)}
+
+    @classmethod
+    def check_attributes(cls, attributes):
+        r = attributes["rank"]
+        return None if isinstance(r, int) and r >= 1 else f"rank must be a positive integer, got {r!r}"
+
+    def delta_weight(self):
+        return self.u.float() @ self.v.float()
+
+    def delta_term(self, x):
+        return (x.float() @ self.v.float().T) @ self.u.float().T
+
+    def describe(self):
+        return f"fp16 rank {self.rank}"
+
+
+def compress_toy(finetuned, base, config, *, name="weight", hessian=None):
+    u, s, vh = torch.linalg.svd(weight_delta(finetuned, base, name), full_matrices=False)
+    return ToyLowRankTensor(base.detach().clone(), (u[:, :RANK] * s[:RANK]).half(), vh[:RANK].half(), RANK)
+
+
+register_method("toy_lowrank", ToyLowRankTensor, compress_toy, description="fp16 rank-4 delta (test)")
+ToyLowRankTensor.__module__ = __name__
+torch.serialization.add_safe_globals([ToyLowRankTensor])
+
+
+@pytest.fixture(scope="module")
+def pair():
+    base = tiny("llama", seed=0)
+    return base, structured_finetune(base, seed=30, rank=RANK)
+
+
+def toy_config(base):
+    return DeltaCoMeConfig(base=base, method="toy_lowrank", group_size=32, progress=False)
+
+
+@torch.no_grad()
+def logits(model, x=None):
+    return model(ids(seed=6, batch=3, length=9) if x is None else x).logits
+
+
+def rel(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def toy(pair):
+    base, ft = pair
+    return compress_(copy.deepcopy(ft), toy_config(base))
+
+
+def test_compress_report_and_quantize_shortcut(pair, toy):
+    base, ft = pair
+    assert all(type(toy.get_submodule(n).weight) is ToyLowRankTensor for n in LAYER_NAMES)
+    rows = delta_report(toy)
+    assert {r["structure"] for r in rows} == {"fp16 rank 4"} and {r["tensor"] for r in rows} == {"ToyLowRankTensor"}
+    assert all(r["bands"] is None for r in rows)
+    # the fine-tune is rank 4 on every projection: the toy kind recovers it up to fp16 rounding
+    assert rel(logits(toy), logits(ft)) < 1e-3 < rel(logits(base), logits(ft))
+    via_quantize = copy.deepcopy(ft)
+    quantize_(via_quantize, toy_config(base))
+    assert torch.equal(logits(via_quantize), logits(toy))
+
+
+def test_compile_matches_eager(toy):
+    x = ids(seed=6, batch=3, length=9)
+    torch.testing.assert_close(logits(torch.compile(toy, fullgraph=True), x), logits(toy, x), rtol=1e-4, atol=1e-5)
+
+
+def test_artifact_round_trip(pair, toy, tmp_path):
+    base, _ = pair
+    save_delta(toy, tmp_path / "toy", base=base, config=toy_config(base))
+    loaded = load_delta(copy.deepcopy(base), tmp_path / "toy")
+    assert torch.equal(logits(loaded), logits(toy))
+    assert all(type(loaded.get_submodule(n).weight) is ToyLowRankTensor for n in LAYER_NAMES)
+
+
+def test_state_dict_weights_only_round_trip(pair, toy, tmp_path):
+    torch.save(toy.state_dict(), tmp_path / "sd.pt")
+    sd = torch.load(tmp_path / "sd.pt", weights_only=True)
+    w = sd[f"{LAYER_NAMES[0]}.weight"]
+    assert type(w) is ToyLowRankTensor and w.rank == RANK
+
+
+def test_hugging_face_round_trip(toy, tmp_path):
+    save_pretrained(copy.deepcopy(toy), tmp_path / "hf")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert type(reloaded.get_submodule(LAYER_NAMES[0]).weight) is ToyLowRankTensor
+    assert torch.equal(logits(reloaded), logits(toy))
+
+
+def test_served_per_row_next_to_a_deltacome_delta(pair, toy, tmp_path):
+    base, ft = pair
+    save_delta(toy, tmp_path / "toy", base=base)
+    dc = compress_(copy.deepcopy(ft), DeltaCoMeConfig(base=base, group_size=32, progress=False))
+    save_delta(dc, tmp_path / "dc", base=base)
+    served = MultiDeltaModel(copy.deepcopy(base))
+    served.load_delta("toy", tmp_path / "toy")
+    served.load_delta("dc", tmp_path / "dc")
+    x = ids(seed=6, batch=3, length=9)
+    with torch.no_grad():
+        got = served(x, delta_ids=["toy", "dc", None]).logits
+    for row, model in enumerate((toy, dc, base)):
+        want = logits(model, x)[row]
+        torch.testing.assert_close(got[row], want, atol=2e-5 * want.abs().max().item(), rtol=0)
+
+
+def test_cli_offers_and_inspects_the_method(pair, tmp_path):
+    base, ft = pair
+    base.save_pretrained(tmp_path / "base")
+    ft.save_pretrained(tmp_path / "ft")
+    runner = CliRunner()
+    r = runner.invoke(main, ["compress", str(tmp_path / "base"), str(tmp_path / "ft"), str(tmp_path / "d"),
+                             "--method", "toy_lowrank", "--quiet"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["inspect", str(tmp_path / "d")])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("fp16 rank 4") == len(LAYER_NAMES)
+    r = runner.invoke(main, ["compress", "--help"])
+    assert "toy_lowrank" in r.output
