@@ -29,7 +29,8 @@ STAGES = [
     ["packing"],
     ["factors"],
     ["ops"],
-    ["delta_tensor", "methods", "mixed_precision_delta_tensor", "bitdelta_tensor"],
+    ["delta_tensor"],
+    ["methods"],
     ["kernels"],
     ["recipes", "checkpoint"],
     ["fingerprint", "format"],
@@ -44,7 +45,7 @@ STAGES = [
     ["cli"],
     ["optimum"],
     # 0.1 import paths kept for one release, and the package's lazy loader: above everything
-    ["pairs", "compare", "evaluate", "harness", "__init__"],
+    ["pairs", "compare", "evaluate", "harness", "mixed_precision_delta_tensor", "bitdelta_tensor", "__init__"],
 ]
 STAGE = {name: i for i, names in enumerate(STAGES) for name in names}
 EVALUATION_USERS = {"evaluation", "cli", "pairs", "compare", "evaluate", "harness"}

@@ -166,3 +166,82 @@ def test_cli_offers_and_inspects_the_method(pair, tmp_path):
     assert r.output.count("fp16 rank 4") == len(LAYER_NAMES)
     r = runner.invoke(main, ["compress", "--help"])
     assert "toy_lowrank" in r.output
+
+
+IN_TREE_METHOD = '''
+"""A method shipped in the package: this file is the whole change."""
+import torch
+
+from ..decompose import weight_delta
+from ..delta_tensor import DeltaTensor
+from . import register_method
+
+
+class SignOnlyDeltaTensor(DeltaTensor):
+    tensor_data_names = ["base_weight", "signs", "scale"]
+    tensor_attribute_names = []
+
+    def __new__(cls, base_weight, signs, scale):
+        return torch.Tensor._make_wrapper_subclass(cls, base_weight.shape, dtype=base_weight.dtype,
+                                                   device=base_weight.device, requires_grad=False)
+
+    def __init__(self, base_weight, signs, scale):
+        super().__init__()
+        self.base_weight, self.signs, self.scale = base_weight, signs, scale
+
+    @classmethod
+    def delta_layout(cls, shape, attributes):
+        return {"signs": (tuple(shape), torch.int8), "scale": ((shape[0], 1), torch.float32)}
+
+    def delta_weight(self):
+        return self.signs.float() * self.scale
+
+    def delta_term(self, x):
+        return x.float() @ self.delta_weight().T
+
+
+def compress(finetuned, base, config, *, name="weight", hessian=None):
+    d = weight_delta(finetuned, base, name)
+    return SignOnlyDeltaTensor(base.detach().clone(), torch.sign(d).to(torch.int8), d.abs().mean(1, keepdim=True))
+
+
+register_method("sign_rows", SignOnlyDeltaTensor, compress, description="sign + per-row scale")
+torch.serialization.add_safe_globals([SignOnlyDeltaTensor])
+'''
+
+
+def test_a_method_file_dropped_into_the_package_is_all_it_takes(tmp_path):
+    """Copy the package, add one file to deltacome_ao/methods/, change nothing else: the method is
+    registered, offered by the CLI, and its weights survive a weights_only state dict."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    shutil.copytree(repo / "deltacome_ao", tmp_path / "deltacome_ao", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "deltacome_ao" / "methods" / "sign_rows.py").write_text(IN_TREE_METHOD)
+    code = (
+        "import sys, torch\n"
+        "sys.path.insert(0, 'tests_dir')\n"
+        "import deltacome_ao\n"
+        "assert deltacome_ao.__file__.startswith(sys.argv[1]), deltacome_ao.__file__\n"
+        "from deltacome_ao import DeltaCoMeConfig, compress_, method_names\n"
+        "from tiny_models import tiny, finetune, ids\n"
+        "assert 'sign_rows' in method_names(), method_names()\n"
+        "base = tiny('llama'); ft = finetune(base)\n"
+        "m = compress_(ft, DeltaCoMeConfig(base=base, method='sign_rows', progress=False))\n"
+        "torch.save(m.state_dict(), sys.argv[1] + '/sd.pt')\n"
+        "sd = torch.load(sys.argv[1] + '/sd.pt', weights_only=True)\n"
+        "w = sd['model.layers.0.mlp.up_proj.weight']\n"
+        "assert type(w).__name__ == 'SignOnlyDeltaTensor' and type(w).__module__ == 'deltacome_ao.methods.sign_rows'\n"
+        "from click.testing import CliRunner\n"
+        "from deltacome_ao.cli import main\n"
+        "assert 'sign_rows' in CliRunner().invoke(main, ['compress', '--help']).output\n"
+        "print('ok')\n"
+    ).replace("tests_dir", str(repo / "tests"))
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]

@@ -1,11 +1,17 @@
-"""Stage 5: the method registry — one table from a method name to the tensor kind that stores it
-and the function that compresses one matrix with it.
+"""The compression methods: one file per method in this folder, and the registry of them.
+
+Each file defines a `DeltaTensor` subclass (the stored kind) and ends with its registration line:
 
     register_method("bitdelta", BitDeltaTensor, compress_bitdelta, description="sign + one scale")
 
-is the one line a new method adds (at the end of its tensor file; docs/extending.md). The config
-validates names and options against this table, the CLI offers its names, and the artifact and
-Hugging Face readers find tensor classes in it by name — nothing else lists methods.
+Every module in this folder is imported when the registry is first used, so adding a method is
+adding one file here (docs/extending.md); a method defined outside the package registers the same
+way once its module is imported. The config validates names and options against this table, the
+CLI offers its names, and the artifact and Hugging Face readers find tensor classes in it by name —
+nothing else lists methods.
+
+    mixed_precision.py   MixedPrecisionDeltaTensor: "deltacome" (Delta-CoMe), "single", "lowrank"
+    bitdelta.py          BitDeltaTensor: "bitdelta" (BitDelta's sign + scale)
 
 A compress function has the signature
 
@@ -43,7 +49,7 @@ def register_method(name: str, tensor: type, compress: Callable, *, calibrated: 
                     allocations: tuple[str, ...] = ("paper",), description: str = "") -> Method:
     """Add a method; `tensor` must be a `DeltaTensor` subclass. Re-registering a name with a
     different tensor class raises ValueError (a name means one stored format)."""
-    from .delta_tensor import DeltaTensor
+    from ..delta_tensor import DeltaTensor
 
     if not (isinstance(tensor, type) and issubclass(tensor, DeltaTensor)):
         raise TypeError(f"method {name!r}: tensor must be a DeltaTensor subclass, got {tensor!r}")
@@ -85,5 +91,12 @@ def tensor_kind(name) -> type:
     return kinds[name]
 
 
-# The built-in methods register themselves at the end of their tensor files.
-from . import mixed_precision_delta_tensor, bitdelta_tensor  # noqa: E402,F401
+def _import_method_files() -> None:
+    import importlib
+    import pkgutil
+
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_method_files()  # each file registers itself at its end

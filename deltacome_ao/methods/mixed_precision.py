@@ -1,0 +1,335 @@
+"""Method file: `MixedPrecisionDeltaTensor`, a weight stored as base + mixed-precision SVD delta.
+
+`from_hp` runs the offline pipeline for one matrix (delta → SVD → bit allocation → RTN or GPTQ
+quantization → packing into `PackedFactors`); the tensor itself only holds the packed result, and
+`F.linear` on it calls the `deltacome::delta_linear` operator without forming the dense delta.
+The methods "deltacome" (Delta-CoMe's 8/3/2-bit schedule, or the optimal per-vector widths),
+"single" (one bit-width) and "lowrank" (fp16 vectors) are registered at the end of this file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch.utils._python_dispatch import return_and_correct_aliasing
+
+from ..allocate import (
+    FP16_BITS,
+    OPTIMAL_CANDIDATES,
+    PAPER_SCHEDULE,
+    Band,
+    allocate,
+    bands_from_widths,
+    budget_bits,
+    candidate_costs,
+    error_table,
+    max_candidate_vectors,
+    optimal_allocation,
+    vector_cost_bits,
+)
+from ..decompose import delta_svd, weight_delta
+from ..delta_tensor import DeltaTensor, is_plain
+from ..factors import PackedFactors, low_rank_term, split_bands
+from ..gptq import gptq_input_groups, gptq_output_groups
+from . import register_method
+from ..ops import delta_linear, delta_only_linear
+from ..quantize import dequantize_rows, quantize_rows
+
+__all__ = ["MixedPrecisionDeltaTensor", "BudgetTooSmallError", "SVDDeltaOptions", "compress_factors"]
+
+aten = torch.ops.aten
+
+
+class BudgetTooSmallError(ValueError):
+    """`alpha` leaves no room for a single singular vector of this matrix."""
+
+
+def _rtn(rows, bits, group_size):
+    return quantize_rows(rows, bits, group_size)
+
+
+@dataclass(frozen=True)
+class SVDDeltaOptions:
+    """How one matrix's delta is decomposed, allocated and quantized (see `from_hp`).
+
+    alpha: delta bytes / fp16 bytes (1/16 = 1 bit per parameter, everything stored counted).
+    schedule: [(bits, count or None = the rest), ...] filled within alpha (Delta-CoMe §3.3).
+    bands: explicit [(bits, count), ...], overriding schedule and alpha.
+    group_size: quantization group along each singular vector.
+    svd: "auto" | "exact" | "randomized" (`decompose.delta_svd`).
+    quantizer: `(rows, bits, group_size) -> QuantizedRows`, the data-free quantizer (RTN).
+    allocation: "paper" (the schedule) or "optimal" (per-vector widths from `candidates`, 0 =
+        dropped, minimising the measured σ²-weighted error within alpha; DeltaMix §3).
+    damp, act_order: GPTQ settings (used with a Hessian).
+    target_correction: quantize Û toward the least-squares target given the quantized V̂ (DeltaMix).
+    """
+
+    alpha: float = 1 / 16
+    schedule: Sequence = PAPER_SCHEDULE
+    bands: Optional[Sequence] = None
+    group_size: int = 128
+    svd: str = "auto"
+    quantizer: Callable = _rtn
+    allocation: str = "paper"
+    candidates: Sequence[int] = OPTIMAL_CANDIDATES
+    damp: float = 0.01
+    act_order: bool = True
+    target_correction: bool = False
+
+
+def compress_factors(delta: torch.Tensor, options: SVDDeltaOptions, name: str = "weight",
+                     hessian: Optional[torch.Tensor] = None, device=None) -> PackedFactors:
+    """The packed factors of one fp32 (out, in) delta (the whole offline pipeline of `from_hp`)."""
+    o = options
+    out_features, in_features = delta.shape
+    if o.allocation not in ("paper", "optimal"):
+        raise ValueError(f"unknown allocation {o.allocation!r}; use 'paper' or 'optimal'")
+    if hessian is not None and tuple(hessian.shape) != (in_features, in_features):
+        raise ValueError(f"{name}: hessian has shape {tuple(hessian.shape)}, expected {(in_features, in_features)}")
+    optimal = o.bands is None and o.allocation == "optimal"
+    if optimal:
+        for b in o.candidates:
+            if b != 0:
+                vector_cost_bits(b, out_features, in_features, o.group_size)  # validates the width
+        max_rank = max_candidate_vectors(out_features, in_features, o.alpha, o.candidates, o.group_size)
+        if max_rank == 0 and torch.any(delta):
+            raise _budget_error(name, o, out_features, in_features, [b for b in o.candidates if b])
+    elif o.bands is None:
+        chosen = allocate(out_features, in_features, o.alpha, o.schedule, o.group_size)
+        if not chosen and torch.any(delta):
+            raise _budget_error(name, o, out_features, in_features, [b for b, _ in o.schedule])
+        max_rank = sum(b.count for b in chosen)
+    else:
+        chosen = tuple(Band(int(b), int(c)) for b, c in o.bands)
+        for b in chosen:
+            vector_cost_bits(b.bits, out_features, in_features, o.group_size)  # validates the width
+        max_rank = sum(b.count for b in chosen)
+    svd_out = delta_svd(delta, rank=max_rank, method=o.svd)
+    u_rows, s, v_rows = svd_out.U.T, svd_out.S, svd_out.Vh
+    # Scale each singular vector to max |x| = 1 so group scales stay in fp16's normal range.
+    u_max = u_rows.abs().amax(dim=1).clamp_min(1e-30) if s.numel() else s
+    v_max = v_rows.abs().amax(dim=1).clamp_min(1e-30) if s.numel() else s
+    u_rows, v_rows, s = u_rows / u_max[:, None], v_rows / v_max[:, None], s * u_max * v_max
+    if optimal:
+        chosen, perm = _optimal_bands(u_rows, s, v_rows, o, budget_bits(out_features, in_features, o.alpha), hessian)
+    else:
+        chosen = _truncate(chosen, svd_out.rank)
+        perm = torch.arange(sum(b.count for b in chosen), device=s.device)
+    u_rows, s, v_rows = u_rows[perm], s[perm], v_rows[perm]
+    if hessian is None:
+        v_q = [o.quantizer(rows, b.bits, o.group_size) for rows, b in zip(split_bands(v_rows, chosen), chosen)]
+        u_q = [o.quantizer(rows, b.bits, o.group_size) for rows, b in zip(split_bands(u_rows, chosen), chosen)]
+    else:
+        v_q, u_q, s = _gptq_factors(u_rows, s, v_rows, chosen, hessian, o, target=delta if o.target_correction else None)
+    return PackedFactors.pack(v_q, u_q, s, o.group_size, out_features, in_features, device=device)
+
+
+class MixedPrecisionDeltaTensor(DeltaTensor):
+    """Weight `W_base + Û diag(s) V̂`, with Û and V̂ quantized in bands of decreasing bit-width.
+
+    Tensor data: `base_weight` (out, in) in the model dtype, then the seven `PackedFactors` tensors
+    (`v_packed`, `v_scale`, `v_zero`, `u_packed`, `u_scale`, `u_zero`, `s`; see `factors.py`).
+    Attributes: `bits` and `counts` (one entry per band) and `group_size`. `factors` gives the
+    packed factors as one value.
+    """
+
+    tensor_data_names = ["base_weight", "v_packed", "v_scale", "v_zero", "u_packed", "u_scale", "u_zero", "s"]
+    tensor_attribute_names = ["bits", "counts", "group_size"]
+
+    # torchao's convention: the constructor takes every tensor_data_name, then every attribute.
+    def __new__(cls, base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s, bits, counts, group_size):
+        return torch.Tensor._make_wrapper_subclass(
+            cls, base_weight.shape, dtype=base_weight.dtype, device=base_weight.device, requires_grad=False
+        )
+
+    def __init__(self, base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s, bits, counts, group_size):
+        super().__init__()
+        self.base_weight = base_weight
+        self.v_packed, self.v_scale, self.v_zero = v_packed, v_scale, v_zero
+        self.u_packed, self.u_scale, self.u_zero = u_packed, u_scale, u_zero
+        self.s = s
+        self.bits = tuple(int(b) for b in bits)
+        self.counts = tuple(int(c) for c in counts)
+        self.group_size = int(group_size)
+
+    @classmethod
+    def from_factors(cls, base_weight: torch.Tensor, factors: PackedFactors) -> "MixedPrecisionDeltaTensor":
+        if tuple(base_weight.shape) != (factors.out_features, factors.in_features):
+            raise ValueError(f"base weight {tuple(base_weight.shape)} does not match the factors' "
+                             f"{(factors.out_features, factors.in_features)}")
+        return cls(base_weight, *factors.tensors().values(), factors.bits, factors.counts, factors.group_size)
+
+    @classmethod
+    def from_hp(cls, finetuned: torch.Tensor, base: torch.Tensor, *, name: str = "weight",
+                hessian: Optional[torch.Tensor] = None, **options) -> "MixedPrecisionDeltaTensor":
+        """Compress `finetuned - base` (both (out, in), any float dtype; the math runs in fp32).
+
+        `options` are the fields of `SVDDeltaOptions` (alpha, schedule, bands, group_size, svd,
+        quantizer, allocation, candidates, damp, act_order, target_correction). `hessian` (in, in),
+        Σ xᵀx / N of this layer's calibration inputs, switches both factors to GPTQ (`gptq.py`;
+        Delta-CoMe §3.4: V̂ against H_x, Û against H_z of the quantized V̂) and makes the optimal
+        allocation measure errors in output space.
+
+        Raises ValueError (shapes, NaN/Inf, an unknown option value) and `BudgetTooSmallError`
+        (alpha too small for one singular vector).
+        """
+        opts = SVDDeltaOptions(**options)
+        delta = weight_delta(finetuned, base, name)
+        factors = compress_factors(delta, opts, name, hessian, device=base.device)
+        return cls.from_factors(base.detach().clone().contiguous(), factors)
+
+    @property
+    def factors(self) -> PackedFactors:
+        out_features, in_features = self.shape
+        return PackedFactors(self.v_packed, self.v_scale, self.v_zero, self.u_packed, self.u_scale, self.u_zero,
+                             self.s, self.bits, self.counts, self.group_size, out_features, in_features)
+
+    def low_rank_factors(self) -> PackedFactors:
+        return self.factors
+
+    @property
+    def bands(self) -> tuple[Band, ...]:
+        return tuple(Band(b, c) for b, c in zip(self.bits, self.counts))
+
+    @property
+    def rank(self) -> int:
+        return sum(self.counts)
+
+    @classmethod
+    def delta_layout(cls, shape, attributes):
+        return PackedFactors.layout(attributes["bits"], attributes["counts"], attributes["group_size"], *shape)
+
+    @classmethod
+    def check_attributes(cls, attributes):
+        return PackedFactors.check_bands(list(attributes["bits"]), list(attributes["counts"]), attributes["group_size"])
+
+    def describe(self) -> str:
+        return " ".join(f"{b}b×{c}" for b, c in zip(self.bits, self.counts)) or "(dropped)"
+
+    def delta_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Û (out, r), s (r,), V̂ (r, in)) in fp32."""
+        v, ut = self.factors.dequantize()
+        return ut.T, self.s, v
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.factors.dense()
+
+    def delta_term(self, x: torch.Tensor) -> torch.Tensor:
+        v, ut = self.factors.dequantize()
+        return low_rank_term(x, v, ut, self.s)
+
+    def linear(self, x, bias=None):
+        f = self.factors
+        if is_plain(self.base_weight):
+            y = delta_linear(x, self.base_weight, *f.op_args())
+        else:  # a quantized base (`with_base`): its own linear, plus the delta term alone
+            y = torch.nn.functional.linear(x, self.base_weight) + delta_only_linear(
+                x, *f.tensors().values(), list(f.bits), list(f.counts), f.out_features, f.in_features, f.group_size)
+        return y if bias is None else y + bias
+
+
+def _budget_error(name, o: SVDDeltaOptions, out_features, in_features, widths) -> BudgetTooSmallError:
+    cheapest = min(vector_cost_bits(b, out_features, in_features, o.group_size) for b in widths)
+    return BudgetTooSmallError(
+        f"{name}: alpha={o.alpha:g} gives {budget_bits(out_features, in_features, o.alpha)} bits for a "
+        f"{out_features}x{in_features} delta, but the cheapest singular vector costs {cheapest} bits "
+        f"(codes, scales, zero-points and S); raise alpha or lower group_size"
+    )
+
+
+def _optimal_bands(u_rows, s, v_rows, o: SVDDeltaOptions, budget: int, hessian, gptq_v: bool = True):
+    """Per-vector widths from `allocate.optimal_allocation` -> (bands, permutation of the vectors)."""
+    out_features, in_features = u_rows.shape[1], v_rows.shape[1]
+
+    def measure(rows, bits):
+        return dequantize_rows(o.quantizer(rows, bits, o.group_size), o.group_size)
+
+    H = measure_v = None
+    if hessian is not None:
+        H = hessian.detach().to(device=v_rows.device, dtype=torch.float64)
+        H = H + o.damp * torch.diagonal(H).mean().clamp_min(1e-30) * torch.eye(in_features, dtype=H.dtype, device=H.device)
+        if gptq_v:
+            def measure_v(rows, bits):  # what GPTQ will really do to V̂ at this width
+                return gptq_input_groups(rows, hessian, bits, o.group_size, o.damp, o.act_order).dequantized
+    rel, energy = error_table(u_rows, v_rows, o.candidates, measure, H, measure_v)
+    weight = s.double().cpu() * energy.cpu().sqrt()
+    costs = candidate_costs(o.candidates, out_features, in_features, o.group_size)
+    choice = optimal_allocation(weight, rel.cpu(), costs, budget)
+    widths = torch.tensor(o.candidates, dtype=torch.long)[choice]
+    perm, bands = bands_from_widths(widths)
+    return bands, perm.to(s.device)
+
+
+def _gptq_factors(u_rows, s, v_rows, bands, hessian, o: SVDDeltaOptions, target=None):
+    """GPTQ of V̂ against H_x, then of Û against H_z = diag(s) V̂ H_x V̂ᵀ diag(s) (quantized V̂).
+
+    Returns (V̂ `QuantizedRows` per band, Ûᵀ `QuantizedRows` per band, s). With `target` (the full
+    delta), Û is first replaced by argmin ‖X(target - Û diag(s) V̂)ᵀ‖² + λ‖Û - Û_svd‖², which also
+    absorbs part of V̂'s error and of the dropped tail; its rows are renormalised into s.
+    """
+    widths = [b.bits for b in bands for _ in range(b.count)]
+    H = hessian.detach().to(device=v_rows.device, dtype=torch.float32)
+    v = gptq_input_groups(v_rows, H, widths, o.group_size, o.damp, o.act_order)
+    vq = v.dequantized
+    vh = vq @ H  # (r, in)
+    gram = vh @ vq.T  # V̂ H V̂ᵀ (r, r)
+    if target is not None and s.numel():
+        hz = s[:, None] * gram * s[None, :]
+        lam = o.damp * torch.diagonal(hz).mean().clamp_min(1e-30)
+        rhs = s[:, None] * (vh @ target.to(vh.device, torch.float32).T) + lam * u_rows
+        ut = torch.linalg.solve(hz + lam * torch.eye(hz.shape[0], device=hz.device), rhs)
+        if torch.isfinite(ut).all():
+            scale = ut.abs().amax(dim=1).clamp_min(1e-30)
+            u_rows, s = ut / scale[:, None], s * scale
+    hz = s[:, None] * gram * s[None, :]
+    u = gptq_output_groups(u_rows, hz, widths, o.group_size, o.damp, o.act_order)
+    return v.band_rows(bands), u.band_rows(bands), s
+
+
+def _truncate(bands, rank: int) -> tuple[Band, ...]:
+    """Drop vectors beyond the delta's numerical rank (zero singular values carry nothing)."""
+    out, left = [], rank
+    for b in bands:
+        take = min(b.count, left)
+        if take:
+            out.append(Band(b.bits, take))
+        left -= take
+    return tuple(out)
+
+
+implements = MixedPrecisionDeltaTensor.implements
+
+
+@implements(aten.t.default)
+def _(func, types, args, kwargs):
+    """Wᵀ = W_baseᵀ + V̂ᵀ diag(s) Û: the same bands with the two factors swapped."""
+    w = args[0]
+    out = MixedPrecisionDeltaTensor.from_factors(w.base_weight.t(), w.factors.transposed())
+    return return_and_correct_aliasing(func, args, kwargs, out)
+
+
+# --- the methods this tensor stores ------------------------------------------------------------------
+
+
+def _svd_compress(schedule_of):
+    def compress(finetuned, base, config, *, name="weight", hessian=None):
+        return MixedPrecisionDeltaTensor.from_hp(
+            finetuned, base, name=name, hessian=hessian, alpha=config.alpha, schedule=schedule_of(config),
+            bands=config.bands, group_size=config.group_size, svd=config.svd, allocation=config.allocation,
+            candidates=tuple(config.candidates), damp=config.damp, act_order=config.act_order,
+            target_correction=config.target_correction,
+        )
+    return compress
+
+
+register_method("deltacome", MixedPrecisionDeltaTensor, _svd_compress(lambda c: PAPER_SCHEDULE), calibrated=True,
+                allocations=("paper", "optimal"), description="Delta-CoMe: 8/3/2-bit singular vectors (or optimal widths)")
+register_method("single", MixedPrecisionDeltaTensor, _svd_compress(lambda c: ((c.single_bits, None),)),
+                calibrated=True, description="every kept singular vector at single_bits")
+register_method("lowrank", MixedPrecisionDeltaTensor, _svd_compress(lambda c: ((FP16_BITS, None),)),
+                calibrated=True, description="top singular vectors in fp16")
+
+MixedPrecisionDeltaTensor.__module__ = "deltacome_ao"
+torch.serialization.add_safe_globals([MixedPrecisionDeltaTensor])
