@@ -130,22 +130,16 @@ def compress_streaming(
     finetuned_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
-    alpha: float = 1 / 16,
-    method: str = "deltacome",
-    group_size: int = 128,
-    allocation: str = "paper",
-    svd: str = "auto",
-    recipe: Optional[Recipe] = None,
     strict: bool = True,
     metadata: Optional[Mapping[str, Any]] = None,
     overwrite: bool = False,
-    progress: bool = True,
     **options: Any,
 ) -> dict:
     """Compress the fine-tuned checkpoint against the base checkpoint into the delta artifact `out_dir`.
 
-    Options as `DeltaCoMeConfig` (`alpha`, `method`, `group_size`, `allocation`, `svd`, `bands`,
-    `single_bits`, `candidates`, `recipe`; calibration needs forward passes and is refused).
+    options: `DeltaCoMeConfig` fields (`alpha`, `method`, `group_size`, `allocation`, `svd`, `bands`,
+        `single_bits`, `candidates`, `recipe`, `progress`, ...; `calibration` needs forward passes
+        and is refused).
     strict: the two checkpoints must hold the same tensor names (else `CheckpointMismatchError`);
         with `strict=False` fine-tuned-only tensors are kept as they are, as `save_delta` does.
     metadata: stored under "user" in `delta_config.json`.
@@ -163,10 +157,8 @@ def compress_streaming(
     base_path, ft_path = Path(base_dir), Path(finetuned_dir)
     base = _checkpoint(base_path, "base")
     ft = _checkpoint(ft_path, "fine-tuned checkpoint")
-    config = DeltaCoMeConfig(
-        base=base, alpha=alpha, method=method, group_size=group_size, allocation=allocation, svd=svd,
-        recipe=recipe, progress=progress, **options,
-    )
+    config = DeltaCoMeConfig(base=base, **options)
+    progress = config.progress
     model_config, skeleton = _skeleton(ft_path)
     recipe = config.recipe or recipe_for(ft.model_type)
     order, compressed, aliases, first = _structure(skeleton, recipe, ft, {k: ft.shape(k) for k in ft.keys()})
@@ -183,7 +175,7 @@ def compress_streaming(
     kept: dict[str, torch.Tensor] = {}
     timings: list[dict] = []
     model_dtype = None
-    bar = tqdm(order, desc=f"{method} delta (streaming)", disable=not progress, unit="tensor")
+    bar = tqdm(order, desc=f"{config.method} delta (streaming)", disable=not progress, unit="tensor")
     with torch.no_grad():
         for key in bar:
             if progress:
