@@ -34,15 +34,19 @@ from fractions import Fraction
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the checkout this script belongs to, not another installed copy
+    sys.path.insert(0, str(REPO))
 
-import torch
+import torch  # noqa: E402
 
-from deltacome_ao.evaluation.compare import VARIANTS, compress_variant, measure_row, write_text_atomic
-from deltacome_ao.bitdelta_tensor import BitDeltaTensor
-from deltacome_ao.mixed_precision_delta_tensor import BudgetTooSmallError, MixedPrecisionDeltaTensor
-from deltacome_ao.evaluation.pairs import PAIRS, ZOO, load_pair
+from deltacome_ao.bitdelta_tensor import BitDeltaTensor  # noqa: E402
+from deltacome_ao.checkpoint import write_text_atomic  # noqa: E402
+from deltacome_ao.evaluation.compare import VARIANTS, compress_variant, measure_row  # noqa: E402
+from deltacome_ao.evaluation.pairs import PAIRS, ZOO, load_pair  # noqa: E402
+from deltacome_ao.mixed_precision_delta_tensor import BudgetTooSmallError, MixedPrecisionDeltaTensor  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 METHODS = ("lowrank", "bitdelta", "single", "deltacome", "deltacome-gptq", "deltacome-optimal", "deltacome-optimal-gptq")
 SHORT = {
     "lowrank": "low-rank", "bitdelta": "BitDelta", "single": "single 2-bit", "deltacome": "paper RTN",

@@ -22,6 +22,9 @@ from fractions import Fraction
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the checkout this script belongs to, not another installed copy
+    sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 from torchao import quantize_  # noqa: E402
