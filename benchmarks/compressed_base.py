@@ -2,8 +2,10 @@
 """Compressed base: Delta-CoMe deltas over a torchao int8 weight-only base, on the shipped real pair.
 
     python benchmarks/compressed_base.py [--pair llama-arith] [--alpha 0.0625] [--problems 200]
+    python benchmarks/compressed_base.py --quick    # check the script: 16 problems, 1 text batch (~15 s)
 
-Writes `benchmarks/results/compressed-base.json` (`--json` to change) and prints the table.
+Writes `benchmarks/results/compressed-base.json` (`--json` to change; `--quick`: a temporary file)
+and prints the table.
 
 The delta of every compressed layer is computed against the original (fp32) base — what the
 fine-tune started from — and in the "int8 base + delta" row the base term of each layer then runs
@@ -31,19 +33,25 @@ import copy
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import torch
-from torchao import quantize_
-from torchao.quantization import Int8WeightOnlyConfig
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the checkout this script belongs to, not another installed copy
+    sys.path.insert(0, str(REPO))
 
-from deltacome_ao.config import DeltaCoMeConfig
-from deltacome_ao.evaluate import kl_divergence, perplexity
-from deltacome_ao.mixed_precision_delta_tensor import MixedPrecisionDeltaTensor
-from deltacome_ao.optimum import quantize_base_
-from deltacome_ao.pairs import PAIRS, load_pair
-from deltacome_ao.recipes import recipe_for
+import torch  # noqa: E402
+from torchao import quantize_  # noqa: E402
+from torchao.quantization import Int8WeightOnlyConfig  # noqa: E402
+
+from deltacome_ao.config import DeltaCoMeConfig  # noqa: E402
+from deltacome_ao.evaluation.metrics import kl_divergence, perplexity  # noqa: E402
+from deltacome_ao.evaluation.pairs import PAIRS, load_pair  # noqa: E402
+from deltacome_ao.mixed_precision_delta_tensor import MixedPrecisionDeltaTensor  # noqa: E402
+from deltacome_ao.optimum import quantize_base_  # noqa: E402
+from deltacome_ao.recipes import recipe_for  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "compressed-base.json"
 
@@ -128,15 +136,20 @@ def format_table(rows: list[dict], title: str = "") -> str:
 
 
 def main(argv=None) -> None:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pair", default="llama-arith", choices=sorted(PAIRS))
     p.add_argument("--alpha", type=float, default=1 / 16)
-    p.add_argument("--problems", type=int, default=200)
-    p.add_argument("--json", type=Path, default=RESULTS)
+    p.add_argument("--problems", type=int, default=None, help="held-out problems (default 200, --quick 16)")
+    p.add_argument("--quick", action="store_true",
+                   help="check the script: 16 problems, 1 text batch for KL / ppl, JSON to a temporary file")
+    p.add_argument("--json", type=Path, default=None,
+                   help=f"default {RESULTS.relative_to(RESULTS.parents[2])} (--quick: a temporary file)")
     args = p.parse_args(argv)
+    args.problems = args.problems or (16 if args.quick else 200)
+    if args.json is None:
+        args.json = Path(tempfile.gettempdir()) / "deltacome-benchmarks" / "compressed-base.json" if args.quick else RESULTS
     t0 = time.perf_counter()
-    rows = measure(args.pair, args.alpha, args.problems)
+    rows = measure(args.pair, args.alpha, args.problems, n_batches=1 if args.quick else 4)
     title = (f"{args.pair}, alpha = {args.alpha:g}, {args.problems} problems "
              f"({time.perf_counter() - t0:.0f} s on {torch.get_num_threads()} threads)")
     print(format_table(rows, title))
@@ -146,6 +159,7 @@ def main(argv=None) -> None:
         "torch": torch.__version__, "command": " ".join(["python", "benchmarks/compressed_base.py", *(argv or sys.argv[1:])]),
         "rows": rows,
     }, indent=2) + "\n")
+    print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,15 @@ flushed (256 MB write) before each replay:
 plus `paths_us` (every applicable kernel path, to set the dispatch thresholds in configs.py) and
 `compute_floor_us` (FLOPs ÷ dense bf16 peak) for the large token counts.
 
-Without CUDA the script exits with an error message (except --aot and the CPU --smoke run, which
-only checks the script's own logic: numbers from it are meaningless).
+Without CUDA the script exits with an error message, except for:
+  --aot     compiles for sm_90 on any machine (run it WITHOUT TRITON_INTERPRET=1)
+  --smoke   CPU check of the script's own logic on tiny shapes (136×200, tokens 1 and 17, a 2-layer
+            256-wide Llama for e2e): the kernel table with every Triton path run by Triton's CPU
+            interpreter (TRITON_INTERPRET=1, set by the script when triton is not imported yet),
+            two --tune candidates per kernel, and e2e. Writes to a temporary directory unless
+            --out is given; its numbers are meaningless.
+
+    python benchmarks/kernels.py --smoke --out /tmp/k.json     # ~15 s on 2 cores
 """
 
 from __future__ import annotations
@@ -25,9 +32,11 @@ import argparse
 import copy
 import json
 import math
+import os
 import re
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -75,11 +84,6 @@ def make_weight(out_f, in_f, alpha, device, seed=0, base=None):
     low = torch.randn(out_f, rank, generator=g, device=device) @ torch.randn(rank, in_f, generator=g, device=device)
     delta = 2e-3 / math.sqrt(rank) * low + 2e-4 * torch.randn(out_f, in_f, generator=g, device=device)
     return MixedPrecisionDeltaTensor.from_hp(base.float() + delta, base, alpha=alpha)
-
-
-def op_args(w):
-    return (w.base_weight, w.v_packed, w.v_scale, w.v_zero, w.u_packed, w.u_scale, w.u_zero, w.s,
-            list(w.bits), list(w.counts), w.group_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,7 +146,11 @@ class CpuTimer:
 
 def kernel_rows(args, device, gpu):
     import deltacome_ao.kernels  # noqa: F401  (registers the Triton kernel for CUDA)
-    from deltacome_ao.kernels.dispatch import _reference, choose_path, delta_linear_triton
+    from deltacome_ao.kernels.dispatch import choose_path, delta_linear_triton
+    from deltacome_ao.kernels.configs import interpreting
+    from deltacome_ao.ops import delta_linear_reference
+
+    triton_paths = device.type == "cuda" or interpreting()
 
     bw, peak = gpu_specs(gpu) if device.type == "cuda" else (None, None)
     if args.bandwidth:
@@ -154,19 +162,19 @@ def kernel_rows(args, device, gpu):
         w = make_weight(out_f, in_f, args.alpha, device)
         print(f"{out_f}x{in_f}: bands {list(zip(w.bits, w.counts))}, {w.bits_per_param():.3f} bits/param "
               f"(built in {time.time() - t0:.1f}s)", file=sys.stderr)
-        a = op_args(w)
-        wb = w.base_weight
+        f, wb = w.factors, w.base_weight
+        a = f.op_args()
         for tokens in args.tokens:
             x = torch.randn(tokens, in_f, device=device, dtype=torch.bfloat16)
             base_us, _ = timer(lambda: torch.nn.functional.linear(x, wb))
-            fused_us, graphed = timer(lambda: torch.ops.deltacome.delta_linear(x, *a))
-            unfused_us, unfused_graphed = timer(lambda: _reference(x, *a))
+            fused_us, graphed = timer(lambda: torch.ops.deltacome.delta_linear(x, wb, *a))
+            unfused_us, unfused_graphed = timer(lambda: delta_linear_reference(x, wb, f))
             paths = {}
             for path in ("gemv", "gemm_fused", "gemm_dequant"):
                 if path == "gemv" and tokens > 16:
                     continue
-                if device.type == "cuda":
-                    paths[path] = round(timer(lambda: delta_linear_triton(x, *a, path=path))[0], 2)
+                if triton_paths:  # on CPU: Triton's interpreter (--smoke)
+                    paths[path] = round(timer(lambda: delta_linear_triton(x, wb, f, path=path))[0], 2)
             nbytes = (wb.numel() * wb.element_size() + w.delta_nbytes()
                       + x.numel() * x.element_size() + tokens * out_f * x.element_size())
             flops = 2 * tokens * (out_f * in_f + w.rank * (out_f + in_f))
@@ -205,40 +213,45 @@ def markdown(rows) -> str:
 # tuning
 
 
-def tune(args, device):
+def tune(args, device, candidates=None):
+    """Time the launch-config candidates of configs.py per shape and token count; -> rows (best 3 each).
+    `candidates`: only the first that many of each list (--smoke)."""
     from deltacome_ao.kernels import configs
     from deltacome_ao.kernels.delta_gemm import delta_gemm_fused
     from deltacome_ao.kernels.delta_gemv import delta_gemv
     from deltacome_ao.kernels.dispatch import cached_layout
 
-    timer = CudaTimer(device, max(20, args.reps // 4))
+    if device.type == "cuda":
+        timer = CudaTimer(device, max(20, args.reps // 4))
+    else:
+        timer = CpuTimer(device, args.reps)
+    rows = []
     for out_f, in_f in args.shapes:
         w = make_weight(out_f, in_f, args.alpha, device)
-        f = (w.base_weight, w.v_packed, w.v_scale, w.v_zero, w.u_packed, w.u_scale, w.u_zero, w.s,
-             cached_layout(w.bits, w.counts, out_f, in_f, w.group_size))
+        f = w.factors
+        a = (w.base_weight, *f.tensors().values(), cached_layout(f.bits, f.counts, out_f, in_f, f.group_size))
         for tokens in args.tokens:
             x = torch.randn(tokens, in_f, device=device, dtype=torch.bfloat16)
             if tokens <= 16:
-                block_m = configs.gemv_block_m(tokens)
-                results = []
-                for cand in configs.GEMV_CANDIDATES:
-                    cfg = {**configs.GEMV[block_m], **cand}
-                    try:
-                        results.append((timer(lambda: delta_gemv(x, *f, config=cfg))[0], cfg))
-                    except Exception as e:  # out of resources etc.
-                        print(f"  skip {cfg}: {type(e).__name__}", file=sys.stderr)
-                results.sort(key=lambda r: r[0])
-                print(f"GEMV {out_f}x{in_f} tokens={tokens} (BLOCK_M={block_m}) best: {results[:3]}")
+                kernel, block_m = "GEMV", configs.gemv_block_m(tokens)
+                cands = [{**configs.GEMV[block_m], **c} for c in configs.GEMV_CANDIDATES[:candidates]]
+                run = lambda cfg: delta_gemv(x, *a, config=cfg)  # noqa: E731
             else:
-                results = []
-                for cand in configs.GEMM_CANDIDATES:
-                    cfg = {**configs.gemm_config(tokens), **cand}
-                    try:
-                        results.append((timer(lambda: delta_gemm_fused(x, *f, gemm=cfg))[0], cfg))
-                    except Exception as e:
-                        print(f"  skip {cfg}: {type(e).__name__}", file=sys.stderr)
-                results.sort(key=lambda r: r[0])
-                print(f"GEMM {out_f}x{in_f} tokens={tokens} best: {results[:3]}")
+                kernel, block_m = "GEMM", None
+                cands = [{**configs.gemm_config(tokens), **c} for c in configs.GEMM_CANDIDATES[:candidates]]
+                run = lambda cfg: delta_gemm_fused(x, *a, gemm=cfg)  # noqa: E731
+            results = []
+            for cfg in cands:
+                try:
+                    results.append((round(timer(lambda: run(cfg))[0], 2), cfg))
+                except Exception as e:  # out of resources etc.
+                    print(f"  skip {cfg}: {type(e).__name__}", file=sys.stderr)
+            results.sort(key=lambda r: r[0])
+            print(f"{kernel} {out_f}x{in_f} tokens={tokens}" + (f" (BLOCK_M={block_m})" if block_m else "")
+                  + f" best: {results[:3]}")
+            rows.append({"kernel": kernel, "shape": [out_f, in_f], "tokens": tokens, "tried": len(cands),
+                         "best": [{"us": us, "config": cfg} for us, cfg in results[:3]]})
+    return rows
 
 
 def aot_report(args):
@@ -279,8 +292,7 @@ def e2e_rows(args, device, gpu):
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.generation.configuration_utils import CompileConfig
 
-    from deltacome_ao import MixedPrecisionDeltaTensor  # noqa: F401
-    import deltacome_ao.kernels  # noqa: F401
+    import deltacome_ao.kernels  # noqa: F401  (registers the Triton kernel for CUDA)
 
     if args.smoke:
         cfg = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
@@ -360,16 +372,22 @@ def main(argv=None):
     p.add_argument("--tune", action="store_true", help="time configs.py candidates instead of the table")
     p.add_argument("--aot", action="store_true", help="no GPU: compile for --arch and print register use")
     p.add_argument("--arch", type=int, default=90)
-    p.add_argument("--smoke", action="store_true", help="run the script's logic on CPU with tiny shapes")
+    p.add_argument("--smoke", action="store_true",
+                   help="CPU check of the table, --tune and --e2e logic on tiny shapes (Triton interpreter); "
+                        "writes to a temporary directory unless --out")
     args = p.parse_args(argv)
 
     if args.aot:
         aot_report(args)
         return 0
     if args.smoke:
+        # Triton's CPU interpreter; it has to be chosen before triton is first imported (deltacome_ao
+        # imports torchao, which imports triton).
+        if "triton" not in sys.modules:
+            os.environ.setdefault("TRITON_INTERPRET", "1")
         device, gpu = torch.device("cpu"), "cpu-smoke"
         torch.set_num_threads(1)
-        args.shapes, args.tokens, args.reps, args.e2e_reps, args.new_tokens = [(136, 200)], [1, 17], 3, 1, 4
+        args.shapes, args.tokens, args.reps, args.e2e_reps, args.new_tokens = [(136, 200)], [1, 17], 2, 1, 4
     elif not torch.cuda.is_available():
         print("benchmarks/kernels.py needs a CUDA GPU: torch.cuda.is_available() is False here "
               f"(torch {torch.__version__}). Run it on an H100/H200 machine; `--aot` compiles the kernels "
@@ -377,7 +395,7 @@ def main(argv=None):
         return 2
     else:
         device, gpu = torch.device("cuda"), torch.cuda.get_device_name()
-    if args.tune:
+    if args.tune and not args.smoke:
         tune(args, device)
         return 0
 
@@ -392,12 +410,16 @@ def main(argv=None):
         print("|---|---|---|---|")
         for r in e2e:
             print(f"| {r['model']} | {r['mode']} | {r['weights']} | {r.get('tokens_per_s', r.get('error'))} |")
-    out = args.out or (REPO / "benchmarks" / "results" / ("tmp" if args.smoke else "") / f"kernels-{slug(gpu)}.json")
+    if args.smoke:  # the tuning loop too, two candidates per kernel
+        result["tune"] = tune(args, device, candidates=2)
+    results_dir = Path(tempfile.gettempdir()) / "deltacome-benchmarks" if args.smoke else REPO / "benchmarks" / "results"
+    out = args.out or results_dir / f"kernels-{slug(gpu)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    # The kernel rows are the file's main content (a list, as documented); e2e rows go alongside.
+    # The kernel rows are the file's main content (a list, as documented); e2e / tune rows go alongside.
     out.write_text(json.dumps(rows, indent=1) + "\n")
-    if "e2e" in result:
-        out.with_name(out.stem + "-e2e.json").write_text(json.dumps(result["e2e"], indent=1) + "\n")
+    for extra in ("e2e", "tune"):
+        if extra in result:
+            out.with_name(f"{out.stem}-{extra}.json").write_text(json.dumps(result[extra], indent=1) + "\n")
     print(f"\nwrote {out}", file=sys.stderr)
     return 0
 

@@ -2,6 +2,7 @@
 """lm-eval check: the harness scores a compressed model exactly like `task.accuracy`.
 
     python benchmarks/lm_eval_check.py [--pairs llama-arith mistral-code qwen2-json] [--alpha 0.0625] [--problems 200]
+    python benchmarks/lm_eval_check.py --quick     # check the script: llama-arith, 16 problems (~10 s)
 
 For each pair (default: the zoo) compresses the fine-tuned model with Delta-CoMe (RTN, `alpha`),
 then scores the base, the fine-tuned and the compressed model twice on the same held-out problems
@@ -9,7 +10,8 @@ then scores the base, the fine-tuned and the compressed model twice on the same 
 `HFLM` on a local task (`deltacome_ao.harness`). The compressed row also shows the accuracy that
 `benchmarks/quality.py` recorded for the same pair, alpha and method in
 `benchmarks/results/quality.json`, when there is one. Prints the table and writes
-`benchmarks/results/lm_eval_check.json` (`--json` to change). Exits 1 if any row differs.
+`benchmarks/results/lm_eval_check.json` (`--json` to change; `--quick`: a temporary file). Exits 1
+if any row differs.
 """
 
 from __future__ import annotations
@@ -17,19 +19,26 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
+import tempfile
 import time
 from fractions import Fraction
 from importlib.metadata import version
 from pathlib import Path
 
-import torch
-from torchao import quantize_
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the checkout this script belongs to, not another installed copy
+    sys.path.insert(0, str(REPO))
 
-from deltacome_ao.compare import write_text_atomic
-from deltacome_ao.config import DeltaCoMeConfig
-from deltacome_ao.harness import harness_eval
-from deltacome_ao.pairs import PAIRS, ZOO, load_pair
+import torch  # noqa: E402
+from torchao import quantize_  # noqa: E402
+
+from deltacome_ao.checkpoint import write_text_atomic  # noqa: E402
+from deltacome_ao.config import DeltaCoMeConfig  # noqa: E402
+from deltacome_ao.evaluation.harness import harness_eval  # noqa: E402
+from deltacome_ao.evaluation.pairs import PAIRS, ZOO, load_pair  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lm_eval_check.json"
 QUALITY = Path(__file__).resolve().parent / "results" / "quality.json"
@@ -48,17 +57,21 @@ def _quality_accuracy(pair: str, alpha: float, problems: int):
     return None
 
 
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    ap.add_argument("--pairs", nargs="+", default=list(ZOO), choices=sorted(PAIRS))
+    ap.add_argument("--pairs", nargs="+", choices=sorted(PAIRS), help=f"default: {' '.join(ZOO)} (--quick: llama-arith)")
     ap.add_argument("--alpha", type=float, default=1 / 16)
-    ap.add_argument("--problems", type=int, default=200)
+    ap.add_argument("--problems", type=int, help="held-out problems per pair (default 200, --quick 16)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=64, help="HFLM batch size")
-    ap.add_argument("--json", type=Path, default=RESULTS)
+    ap.add_argument("--quick", action="store_true",
+                    help="check the script: llama-arith, 16 problems, JSON to a temporary file")
+    ap.add_argument("--json", type=Path, help="default benchmarks/results/lm_eval_check.json (--quick: a temporary file)")
     args = ap.parse_args(argv)
+    args.pairs = args.pairs or (["llama-arith"] if args.quick else list(ZOO))
+    args.problems = args.problems or (16 if args.quick else 200)
+    if args.json is None:
+        args.json = Path(tempfile.gettempdir()) / "deltacome-benchmarks" / "lm_eval_check.json" if args.quick else RESULTS
 
     rows = []
     for pair in args.pairs:

@@ -3,6 +3,9 @@
 
     python benchmarks/memory_table.py                      # markdown table, writes benchmarks/results/memory-table.json
     python benchmarks/memory_table.py --kv-tokens 32768 --overhead-gb 3
+    python benchmarks/memory_table.py --out /tmp/memory-table.json   # anywhere but the committed results
+
+Pure arithmetic (about a second on a CPU, no model, no GPU), so the full run is also its quick check.
 
 Every number is COMPUTED, NOT MEASURED ON A GPU: byte counts from the Llama-2-7B shapes and from the
 storage model of `deltacome_ao.allocate` (`allocate` + `bands_cost_bits`, which is the real size of
@@ -156,7 +159,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-tokens", type=int, default=16384, help="KV-cache allowance in tokens (0.5 MiB each)")
     ap.add_argument("--overhead-gb", type=float, default=2.0, help="activations / CUDA context / slack")
     ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "memory-table.json"))
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "memory-table.json"),
+                    help="JSON path (default: %(default)s)")
     args = ap.parse_args(argv)
     t = table(args.kv_tokens, args.overhead_gb, args.group_size)
     print(markdown(t))

@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py            # full: 3 pairs x alpha 1/8, 1/16, 1/32 x 7 methods (~25 min, 2 cores)
     python benchmarks/quality.py --quick    # CI: llama-arith, alpha 1/16, 7 methods (~2 min)
+    python benchmarks/quality.py --smoke    # check the script: llama-arith, 1/16, 3 methods, 8 problems (~20 s)
 
 For each pair and alpha, every method compresses the same layers (the recipe's attention and MLP
 projections) at the same byte budget (BitDelta has no budget knob: always ~1 bit/param). Metrics:
@@ -13,8 +14,9 @@ the fine-tune's effect on that layer's output that compression lost, comparable 
 pairs (the paper's Table 8 reports the unnormalised error).
 
 Writes benchmarks/results/quality[-quick].json (atomically), and with --docs (default for the full
-run) docs/quality.md plus plots in docs/img/: singular-value spectra of deltas vs raw weights per layer
-type, bits per singular vector (paper schedule vs optimal), and accuracy vs alpha.
+run) docs/quality.md plus plots in docs/img/ (`--docs-dir` to change): singular-value spectra of
+deltas vs raw weights per layer type, bits per singular vector (paper schedule vs optimal), and
+accuracy vs alpha. --smoke writes the JSON, quality.md and the plots into a temporary directory.
 """
 
 from __future__ import annotations
@@ -32,15 +34,19 @@ from fractions import Fraction
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the checkout this script belongs to, not another installed copy
+    sys.path.insert(0, str(REPO))
 
-import torch
+import torch  # noqa: E402
 
-from deltacome_ao.evaluation.compare import VARIANTS, compress_variant, measure_row, write_text_atomic
-from deltacome_ao.bitdelta_tensor import BitDeltaTensor
-from deltacome_ao.mixed_precision_delta_tensor import BudgetTooSmallError, MixedPrecisionDeltaTensor
-from deltacome_ao.evaluation.pairs import PAIRS, ZOO, load_pair
+from deltacome_ao.bitdelta_tensor import BitDeltaTensor  # noqa: E402
+from deltacome_ao.checkpoint import write_text_atomic  # noqa: E402
+from deltacome_ao.evaluation.compare import VARIANTS, compress_variant, measure_row  # noqa: E402
+from deltacome_ao.evaluation.pairs import PAIRS, ZOO, load_pair  # noqa: E402
+from deltacome_ao.mixed_precision_delta_tensor import BudgetTooSmallError, MixedPrecisionDeltaTensor  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 METHODS = ("lowrank", "bitdelta", "single", "deltacome", "deltacome-gptq", "deltacome-optimal", "deltacome-optimal-gptq")
 SHORT = {
     "lowrank": "low-rank", "bitdelta": "BitDelta", "single": "single 2-bit", "deltacome": "paper RTN",
@@ -342,30 +348,39 @@ def markdown(results: dict, command: str) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="CI mode: llama-arith, alpha 1/16, 100 problems")
+    p.add_argument("--smoke", action="store_true",
+                   help="check the script: llama-arith, alpha 1/16, paper RTN / optimal RTN / BitDelta, 8 problems; "
+                        "JSON, quality.md and plots in a temporary directory")
     p.add_argument("--pairs", nargs="+", choices=sorted(PAIRS), help=f"default: {' '.join(ZOO)}")
     p.add_argument("--alphas", nargs="+", help="budgets as fractions (default 1/8 1/16 1/32)")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=METHODS, help="default: all (--smoke: three)")
     p.add_argument("--problems", type=int, help="held-out problems per accuracy (default 200, quick 100)")
-    p.add_argument("--json", type=Path, help="default benchmarks/results/quality[-quick].json")
+    p.add_argument("--json", type=Path, help="default benchmarks/results/quality[-quick].json (--smoke: temporary)")
+    p.add_argument("--docs-dir", type=Path, help="where quality.md and img/ go (default docs/; --smoke: temporary)")
     p.add_argument("--replot", action="store_true", help="only regenerate docs and plots from the JSON")
     p.add_argument("--docs", action=argparse.BooleanOptionalAction, default=None,
                    help="write docs/quality.md and docs/img/quality-*.png (default: on for the full run)")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
-    pairs = args.pairs or (["llama-arith"] if args.quick else list(ZOO))
-    alphas = args.alphas or (["1/16"] if args.quick else list(ALPHAS))
+    small = args.quick or args.smoke
+    pairs = args.pairs or (["llama-arith"] if small else list(ZOO))
+    alphas = args.alphas or (["1/16"] if small else list(ALPHAS))
+    methods = args.methods or (["deltacome", "deltacome-optimal", "bitdelta"] if args.smoke else list(METHODS))
     for a in alphas:
         if not 0 < Fraction(a) <= 1:
             p.error(f"alpha {a!r} must be a fraction in (0, 1], like 1/16")
-    n_problems = args.problems or (100 if args.quick else 200)
-    out = args.json or ROOT / "benchmarks" / "results" / ("quality-quick.json" if args.quick else "quality.json")
+    n_problems = args.problems or (8 if args.smoke else 100 if args.quick else 200)
+    scratch = Path(tempfile.gettempdir()) / "deltacome-benchmarks" / "quality-smoke"
+    out = args.json or (scratch / "quality.json" if args.smoke else
+                        ROOT / "benchmarks" / "results" / ("quality-quick.json" if args.quick else "quality.json"))
+    docs_dir = args.docs_dir or (scratch if args.smoke else ROOT / "docs")
     if args.replot:
         results = json.loads(out.read_text())
         command = results["command"]
         results["claims"] = claims(results)
     else:
         start = time.perf_counter()
-        results = run(pairs, alphas, args.methods, n_problems, progress=False)
+        results = run(pairs, alphas, methods, n_problems, progress=False)
         results["seconds"] = time.perf_counter() - start
         results["claims"] = claims(results)
         command = " ".join(["python benchmarks/quality.py", *argv])
@@ -376,11 +391,11 @@ def main(argv=None) -> None:
     if not args.replot:
         write_text_atomic(out, json.dumps(results, indent=1))
         print(f"wrote {out}")
-    if args.docs if args.docs is not None else (args.replot or not args.quick):
-        for path in plots(results, ROOT / "docs" / "img"):
+    if args.docs if args.docs is not None else (args.replot or args.smoke or not args.quick):
+        for path in plots(results, docs_dir / "img"):
             print(f"wrote {path}")
-        write_text_atomic(ROOT / "docs" / "quality.md", markdown(results, command))
-        print(f"wrote {ROOT / 'docs' / 'quality.md'}")
+        write_text_atomic(docs_dir / "quality.md", markdown(results, command))
+        print(f"wrote {docs_dir / 'quality.md'}")
 
 
 if __name__ == "__main__":

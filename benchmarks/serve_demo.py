@@ -3,6 +3,7 @@
 
     python benchmarks/serve_demo.py --load-test                 # 1000 requests, tiny Llama, 4 deltas
     python benchmarks/serve_demo.py --load-test --requests 200 --clients 4
+    python benchmarks/serve_demo.py --quick                     # check the script: 60 requests, 3 deltas (~10 s)
     python benchmarks/serve_demo.py --serve --port 8000         # tiny demo model, serve until Ctrl-C
 
 Standard library only on the HTTP side (`http.server.ThreadingHTTPServer`, `http.client`), bound to
@@ -38,7 +39,9 @@ noise cannot flip a token and a wrong delta is always visible. Then the server s
 127.0.0.1:<ephemeral>, client threads fire requests (random prompt, delta or base, max_new_tokens)
 while a churn thread unloads and reloads some deltas over HTTP. Every 200 is checked against the
 expected tokens; requests for a delta that is unloaded must get 404 (409 for a busy unload). Exit
-status 1 on any wrong answer, 5xx, transport error or unexpected error kind.
+status 1 on any wrong answer, 5xx, transport error or unexpected error kind. `--quick` is a small
+load test (60 requests, 3 client threads, 3 deltas of which 1 churns, 8 prompts) whose summary goes
+to a temporary JSON file unless `--json` is given.
 """
 
 from __future__ import annotations
@@ -693,6 +696,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--load-test", action="store_true", help="self-checking load test (in-process server)")
+    mode.add_argument("--quick", action="store_true",
+                      help="a small load test: 60 requests, 3 clients, 3 deltas (1 churned), 8 prompts, summary "
+                           "JSON to a temporary file")
     mode.add_argument("--serve", action="store_true", help="serve the tiny demo model + deltas until Ctrl-C")
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--clients", type=int, default=6)
@@ -708,9 +714,12 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=24, help="distinct prompts (with precomputed expected outputs)")
     ap.add_argument("--min-margin", type=float, default=1e-3, help="drop prompts whose greedy path has a top-2 "
                     "logit margin below this (batching noise could flip such a token)")
-    ap.add_argument("--json", type=str, default=None, help="also write the summary here")
+    ap.add_argument("--json", type=str, default=None, help="also write the summary here (--quick: a temporary file)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.quick:
+        args.requests, args.clients, args.deltas, args.churn, args.prompts = 60, 3, 3, 1, 8
+        args.json = args.json or str(Path(tempfile.gettempdir()) / "deltacome-benchmarks" / "serve-demo.json")
 
     if args.serve:
         tmp = tempfile.mkdtemp(prefix="serve-demo-")
@@ -738,6 +747,7 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        print(f"wrote {args.json}")
     return 0 if summary["ok"] else 1
 
 

@@ -18,17 +18,29 @@ round-robin over D distinct deltas (alpha 1/16). Columns:
   `deltacome::delta_linear` kernels, i.e. `F.linear(x_d, MixedPrecisionDeltaTensor)`), plus one base
   call for base rows if any.
 
+Each row also records how far the segmented step's output is from the naive loop's
+(`max_abs_diff_vs_naive`, next to `max_abs_out`): the two must agree up to bf16 rounding.
+
 Timing: CUDA graphs (eager if capture fails, flagged), a 256 MB write to flush L2 before every
 replay, median of `--reps`. Compression runs `--unique` SVD+quantisations per shape; the D deltas
 are distinct copies of those (separate memory), so every delta's bytes are really read.
-Without CUDA the script exits with a message. No numbers are claimed in the docs until it is run.
+Without CUDA the script exits with a message, except with `--smoke`: a CPU check of the script's
+own logic (numbers meaningless) on a 1-layer stack of tiny projections (hidden 128, MLP 320),
+batches 2 and 6, 1 and 3 deltas, `--reference` on; the segmented column runs the segmented Triton
+kernel under Triton's CPU interpreter (TRITON_INTERPRET=1, set by the script when triton is not
+imported yet). Writes to a temporary directory unless `--out` is given.
+
+    python benchmarks/serving.py --smoke --out /tmp/serving.json      # ~15 s on 2 cores
+No numbers are claimed in the docs until it is run on a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,10 +51,16 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-PROJ = {  # name: (out, in)
-    "q": (4096, 4096), "k": (4096, 4096), "v": (4096, 4096), "o": (4096, 4096),
-    "gate": (11008, 4096), "up": (11008, 4096), "down": (4096, 11008),
-}
+
+
+def projections(hidden: int, mlp: int) -> dict:
+    """name: (out, in) of a decoder layer's linears."""
+    return {"q": (hidden, hidden), "k": (hidden, hidden), "v": (hidden, hidden), "o": (hidden, hidden),
+            "gate": (mlp, hidden), "up": (mlp, hidden), "down": (hidden, mlp)}
+
+
+PROJ = projections(4096, 11008)
+SMOKE_PROJ = projections(128, 320)  # --smoke: ragged, every dimension <= 512 (Triton interpreter)
 
 
 def ints(text):
@@ -58,33 +76,29 @@ def step(mods, x):
     return x
 
 
-def build(args, device):
+def build(args, device, proj):
     from kernels import make_weight  # benchmarks/kernels.py
 
     from deltacome_ao import MixedPrecisionDeltaTensor
     from deltacome_ao.serving import MultiDeltaLinear
 
     g = torch.Generator(device=device).manual_seed(0)
-    base = [{n: torch.nn.Linear(i, o, bias=False, device=device, dtype=torch.bfloat16) for n, (o, i) in PROJ.items()}
+    base = [{n: torch.nn.Linear(i, o, bias=False, device=device, dtype=torch.bfloat16) for n, (o, i) in proj.items()}
             for _ in range(args.layers)]
     for layer in base:
         for lin in layer.values():
             with torch.no_grad():
                 lin.weight.copy_(0.02 * torch.randn(lin.weight.shape, generator=g, device=device))
     t0 = time.time()
-    unique = {shape: [make_weight(*shape, args.alpha, device, seed=k) for k in range(args.unique)]
-              for shape in set(PROJ.values())}
+    unique = {shape: [make_weight(*shape, args.alpha, device, seed=k).factors for k in range(args.unique)]
+              for shape in set(proj.values())}
     print(f"compressed {args.unique} x {len(unique)} shapes in {time.time() - t0:.0f} s", file=sys.stderr)
     n_deltas = max(args.deltas)
-    # per (layer, proj, delta): a distinct copy (own memory) over that layer's base weight
-    deltas = [[{n: None for n in PROJ} for _ in range(args.layers)] for _ in range(n_deltas)]
-    for d in range(n_deltas):
-        for li, layer in enumerate(base):
-            for n, lin in layer.items():
-                src = unique[PROJ[n]][d % args.unique]
-                inner = [getattr(src, a).clone() for a in src.tensor_data_names[1:]]
-                deltas[d][li][n] = MixedPrecisionDeltaTensor(lin.weight.detach(), *inner, src.bits, src.counts,
-                                                             src.group_size)
+    # per (delta, layer, proj): a distinct copy (own memory) over that layer's base weight
+    deltas = [[{n: MixedPrecisionDeltaTensor.from_factors(lin.weight.detach(),
+                                                          unique[proj[n]][d % args.unique].map_tensors(torch.clone))
+                for n, lin in layer.items()} for layer in base]
+              for d in range(n_deltas)]
     multi = [{n: MultiDeltaLinear(lin) for n, lin in layer.items()} for layer in base]
     for d in range(n_deltas):
         for li, layer in enumerate(multi):
@@ -95,26 +109,35 @@ def build(args, device):
     return base, multi, compressed
 
 
-def rows_table(args, device, gpu):
-    from kernels import CudaTimer, gpu_specs
+def implementation(device_type: str, fn) -> None:
+    """Make `fn` the `deltacome::segmented_delta_linear` implementation for `device_type` (torch.library
+    keeps the last registered one)."""
+    from deltacome_ao.ops import segmented_delta_linear
 
-    from deltacome_ao import serving
+    segmented_delta_linear.register_kernel(device_type)(fn)
+
+
+def rows_table(args, device, gpu, proj):
+    from kernels import CpuTimer, CudaTimer, gpu_specs
+
+    import deltacome_ao.kernels as kernels
+    from deltacome_ao.ops import segmented_delta_linear_reference
     from deltacome_ao.serving import Routing, routing
 
-    assert "cuda" in serving._SEGMENTED_BACKENDS, "the segmented Triton backend is not registered (triton missing?)"
-    segmented = serving._SEGMENTED_BACKENDS["cuda"]
-    base, multi, compressed = build(args, device)
-    timer = CudaTimer(device, args.reps)
+    assert kernels.registered, "the segmented Triton kernel is not registered (triton missing?)"
+    segmented = kernels.segmented_delta_linear_cuda  # the Triton implementation (CPU: under the interpreter)
+    base, multi, compressed = build(args, device, proj)
+    timer = (CudaTimer if device.type == "cuda" else CpuTimer)(device, args.reps)
+    hidden = proj["q"][1]
     rows = []
     for b in args.batches:
-        x = torch.randn(b, 1, 4096, device=device, dtype=torch.bfloat16)
+        x = torch.randn(b, 1, hidden, device=device, dtype=torch.bfloat16)
         base_us, base_graphed = timer(lambda: step(base, x))
         for n in args.deltas:
             if n > b:
                 continue
-            ids = torch.arange(b) % n
-            r = Routing(ids)
-            groups = [(d, rows.to(device)) for d, rows in r.groups]
+            r = Routing(torch.arange(b) % n)
+            groups = r.groups_on(device)
 
             def multi_step():
                 with routing(r):
@@ -127,22 +150,25 @@ def rows_table(args, device, gpu):
                 return out
 
             with torch.no_grad():
+                implementation(device.type, segmented)
                 seg_us, seg_graphed = timer(multi_step)
                 naive_us, naive_graphed = timer(naive_step)
+                got, want = multi_step().float(), naive_step().float()
                 ref_us = None
                 if args.reference:
-                    serving.register_segmented_backend("cuda", None)
+                    implementation(device.type, segmented_delta_linear_reference)
                     try:
                         ref_us, _ = timer(multi_step)
                     finally:
-                        serving.register_segmented_backend("cuda", segmented)
+                        implementation(device.type, segmented)
             row = dict(batch=b, deltas=n, base_us=round(base_us, 1), segmented_us=round(seg_us, 1),
                        naive_us=round(naive_us, 1), reference_us=None if ref_us is None else round(ref_us, 1),
                        segmented_over_base=round(seg_us / base_us, 3), naive_over_segmented=round(naive_us / seg_us, 3),
+                       max_abs_diff_vs_naive=(got - want).abs().max().item(), max_abs_out=want.abs().max().item(),
                        graphed=dict(base=base_graphed, segmented=seg_graphed, naive=naive_graphed))
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
-    bw, _ = gpu_specs(gpu)
+    bw, _ = gpu_specs(gpu) if device.type == "cuda" else (None, None)
     return rows, bw
 
 
@@ -165,24 +191,36 @@ def main(argv=None):
     p.add_argument("--unique", type=int, default=2, help="distinct compressions per shape (SVD cost)")
     p.add_argument("--reps", type=int, default=100)
     p.add_argument("--reference", action="store_true", help="also time the torch reference path")
-    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON path (default benchmarks/results/serving-<gpu>.json; --smoke: a temporary directory)")
+    p.add_argument("--smoke", action="store_true",
+                   help="CPU check of the script's logic on tiny shapes (segmented kernel under the Triton interpreter)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("benchmarks/serving.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured.",
-              file=sys.stderr)
+    if args.smoke:
+        if "triton" not in sys.modules:  # the interpreter must be chosen before triton is imported
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+        device, gpu, proj = torch.device("cpu"), "cpu-smoke", SMOKE_PROJ
+        torch.set_num_threads(1)
+        args.layers, args.batches, args.deltas, args.unique, args.reps = 1, [2, 6], [1, 3], 2, 1
+        args.reference = True
+    elif not torch.cuda.is_available():
+        print("benchmarks/serving.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing measured "
+              "(--smoke checks the script on CPU).", file=sys.stderr)
         return 2
+    else:
+        device, gpu, proj = torch.device("cuda"), torch.cuda.get_device_name(), PROJ
     from kernels import slug
 
-    device = torch.device("cuda")
-    gpu = torch.cuda.get_device_name()
     torch.manual_seed(0)
     with torch.no_grad():
-        rows, bw = rows_table(args, device, gpu)
-    out = args.out or REPO / "benchmarks" / "results" / f"serving-{slug(gpu)}.json"
+        rows, bw = rows_table(args, device, gpu, proj)
+    results_dir = Path(tempfile.gettempdir()) / "deltacome-benchmarks" if args.smoke else REPO / "benchmarks" / "results"
+    out = args.out or results_dir / f"serving-{slug(gpu)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = dict(gpu=gpu, hbm_bytes_per_s=bw, torch=torch.__version__, layers=args.layers, alpha=args.alpha,
-               reps=args.reps, shapes=PROJ, rows=rows,
-               note="decode step (1 token/row) through the linear layers of a Llama-7B-shaped stack; "
+               reps=args.reps, shapes=proj, rows=rows,
+               note="--smoke: a CPU check of the script (Triton interpreter); the times mean nothing" if args.smoke
+               else "decode step (1 token/row) through the linear layers of a Llama-7B-shaped stack; "
                     "CUDA graphs, L2 flushed before every replay, median")
     out.write_text(json.dumps(doc, indent=1))
     print(markdown(rows))

@@ -5,6 +5,7 @@
     python benchmarks/streaming.py run  [--dir DIR] [--layers 32]      # compress it, measure, check, write results
     python benchmarks/streaming.py all  [--dir DIR] [--layers 32] [--clean]   # both (--clean: delete the pair after)
     python benchmarks/streaming.py load [--dir DIR]                    # optional: load_delta onto the whole base (~15 GB)
+    python benchmarks/streaming.py --smoke [--results PATH]           # CPU check of every step on a tiny pair (~15 s)
 
 The pair is Llama-shaped (hidden 4096, MLP 11008, 32 heads, vocab 32000, untied lm_head; `--layers`
 decoder layers, 32 = the Llama-2-7B shapes, 6.74 B parameters, 13.5 GB per checkpoint in bf16),
@@ -26,6 +27,10 @@ the true delta (fine-tuned − base as stored, fp32): relative Frobenius error, 
 of the delta that is not the rank-64 part (what no rank-64 method could recover).
 Writes benchmarks/results/streaming-7b.json (atomically; `streaming-7b-<L>layers.json` for
 `--layers` other than 32) and prints a markdown table.
+
+`--smoke` checks the script itself: make, run and load on a 2-layer pair with hidden 128, MLP 344,
+4 heads, vocab 256 (same rank-64 deltas, shards of ~100 kB) in a temporary directory that is deleted
+afterwards; results go to a temporary file unless `--results` is given.
 """
 
 from __future__ import annotations
@@ -35,11 +40,13 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,16 +56,30 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from deltacome_ao.compare import write_text_atomic  # noqa: E402
+from deltacome_ao.checkpoint import write_text_atomic  # noqa: E402
 
-HIDDEN, MLP, HEADS, VOCAB = 4096, 11008, 32, 32000
 RANK, DECAY = 64, 16.0
-PROJ = {  # name: (out_features, in_features)
-    "self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, HIDDEN),
-    "self_attn.v_proj": (HIDDEN, HIDDEN), "self_attn.o_proj": (HIDDEN, HIDDEN),
-    "mlp.gate_proj": (MLP, HIDDEN), "mlp.up_proj": (MLP, HIDDEN), "mlp.down_proj": (HIDDEN, MLP),
-}
 GB = 1e9
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Model dimensions of the pair (the default: Llama-2-7B's)."""
+
+    hidden: int = 4096
+    mlp: int = 11008
+    heads: int = 32
+    vocab: int = 32000
+
+    def proj(self) -> dict[str, tuple[int, int]]:
+        """name: (out_features, in_features) of a decoder layer's projections."""
+        h, m = self.hidden, self.mlp
+        return {"self_attn.q_proj": (h, h), "self_attn.k_proj": (h, h), "self_attn.v_proj": (h, h),
+                "self_attn.o_proj": (h, h), "mlp.gate_proj": (m, h), "mlp.up_proj": (m, h), "mlp.down_proj": (h, m)}
+
+
+LLAMA_7B = Dims()
+SMOKE = Dims(hidden=128, mlp=344, heads=4, vocab=256)
 
 
 def default_dir() -> Path:
@@ -69,23 +90,23 @@ def default_dir() -> Path:
 # --- the pair --------------------------------------------------------------------------------------
 
 
-def tensor_specs(layers: int) -> list[tuple[str, tuple[int, ...]]]:
+def tensor_specs(layers: int, dims: Dims = LLAMA_7B) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every tensor, in the order LlamaForCausalLM's state dict lists them."""
-    specs = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
+    specs = [("model.embed_tokens.weight", (dims.vocab, dims.hidden))]
     for i in range(layers):
-        specs += [(f"model.layers.{i}.{p}.weight", shape) for p, shape in PROJ.items()]
-        specs += [(f"model.layers.{i}.input_layernorm.weight", (HIDDEN,)),
-                  (f"model.layers.{i}.post_attention_layernorm.weight", (HIDDEN,))]
-    specs += [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (VOCAB, HIDDEN))]
+        specs += [(f"model.layers.{i}.{p}.weight", shape) for p, shape in dims.proj().items()]
+        specs += [(f"model.layers.{i}.input_layernorm.weight", (dims.hidden,)),
+                  (f"model.layers.{i}.post_attention_layernorm.weight", (dims.hidden,))]
+    specs += [("model.norm.weight", (dims.hidden,)), ("lm_head.weight", (dims.vocab, dims.hidden))]
     return specs
 
 
-def llama_config(layers: int) -> dict:
+def llama_config(layers: int, dims: Dims = LLAMA_7B) -> dict:
     from transformers import LlamaConfig
 
     config = LlamaConfig(
-        hidden_size=HIDDEN, intermediate_size=MLP, num_hidden_layers=layers, num_attention_heads=HEADS,
-        num_key_value_heads=HEADS, vocab_size=VOCAB, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        hidden_size=dims.hidden, intermediate_size=dims.mlp, num_hidden_layers=layers, num_attention_heads=dims.heads,
+        num_key_value_heads=dims.heads, vocab_size=dims.vocab, max_position_embeddings=4096, rms_norm_eps=1e-5,
         tie_word_embeddings=False, dtype="bfloat16",
     )
     config.architectures = ["LlamaForCausalLM"]
@@ -126,7 +147,7 @@ def make(args) -> dict:
     from tqdm.auto import tqdm
 
     root = Path(args.dir)
-    specs = tensor_specs(args.layers)
+    specs = tensor_specs(args.layers, args.dims)
     nbytes = [2 * math.prod(shape) for _, shape in specs]
     shards, current, size = [], [], 0  # greedy shards of at most --shard-gb (a bigger tensor gets its own)
     for i, n in enumerate(nbytes):
@@ -137,7 +158,7 @@ def make(args) -> dict:
         size += n
     shards.append(current)
     names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
-    config = llama_config(args.layers)
+    config = llama_config(args.layers, args.dims)
     start = time.perf_counter()
     for role in ("base", "finetuned"):
         d = root / role
@@ -159,7 +180,7 @@ def make(args) -> dict:
             os.replace(tmp, root / role / names[k])
         del base_part, ft_part
     bar.close()
-    info = {"layers": args.layers, "seed": args.seed, "delta_scale": args.delta_scale, "noise": args.noise,
+    info = {"layers": args.layers, "dims": asdict(args.dims), "seed": args.seed, "delta_scale": args.delta_scale, "noise": args.noise,
             "shards": len(shards), "shard_gb": args.shard_gb, "tensors": len(specs),
             "parameters": sum(n // 2 for n in nbytes), "bytes_per_checkpoint": sum(nbytes),
             "seconds": time.perf_counter() - start}
@@ -236,17 +257,17 @@ def check_error(args, layer_ids) -> list[dict]:
     """Decode some layers from the artifact; relative Frobenius error against the true delta."""
     from safetensors import safe_open
 
-    from deltacome_ao.artifact import SEP, WEIGHTS_NAME, assemble, read_delta_config
-    from deltacome_ao.streaming import _Checkpoint
+    from deltacome_ao.checkpoint import BaseWeights
+    from deltacome_ao.format import SEP, WEIGHTS_NAME, assemble, read_delta_config
 
     root, out = Path(args.dir), Path(args.out)
     document = read_delta_config(out)
-    base, ft = _Checkpoint(root / "base", "base"), _Checkpoint(root / "finetuned", "fine-tuned")
-    index = {name: i for i, (name, _) in enumerate(tensor_specs(args.layers))}
+    base, ft = BaseWeights(root / "base", role="base"), BaseWeights(root / "finetuned", role="fine-tuned")
+    index = {name: i for i, (name, _) in enumerate(tensor_specs(args.layers, args.dims))}
     rows = []
     with safe_open(str(out / WEIGHTS_NAME), framework="pt") as f:
         for layer in layer_ids:
-            for proj, shape in PROJ.items():
+            for proj, shape in args.dims.proj().items():
                 name = f"model.layers.{layer}.{proj}"
                 key = f"{name}.weight"
                 spec = document["layers"][name]
@@ -304,6 +325,7 @@ def run(args) -> dict:
     pair = json.loads((root / "pair.json").read_text())
     if pair["layers"] != args.layers:
         raise SystemExit(f"{root} holds a {pair['layers']}-layer pair; pass --layers {pair['layers']} or remake it")
+    args.dims = Dims(**pair.get("dims", asdict(LLAMA_7B)))
     args.out = args.out or str(root / "delta")
     print(f"compressing {root} -> {args.out} (child process, nice {os.nice(0)})", flush=True)
     summary, measured = measure(args)
@@ -329,27 +351,34 @@ def run(args) -> dict:
         "error_check": errors,
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
     }
-    name = "streaming-7b.json" if args.layers == 32 else f"streaming-7b-{args.layers}layers.json"
-    path = Path(args.results) if args.results else REPO / "benchmarks" / "results" / name
+    path = results_path(args)
     write_text_atomic(path, json.dumps(result, indent=1) + "\n")
     print(markdown(result))
     print(f"\nwrote {path}")
     return result
 
 
+def results_path(args) -> Path:
+    if args.results:
+        return Path(args.results)
+    if args.smoke:
+        return Path(tempfile.gettempdir()) / "deltacome-benchmarks" / "streaming-smoke.json"
+    name = "streaming-7b.json" if args.layers == 32 else f"streaming-7b-{args.layers}layers.json"
+    return REPO / "benchmarks" / "results" / name
+
+
 def load_check(args) -> dict:
     """Put the artifact on the whole base with `DeltaCoMeModel.from_pretrained` (full sha256 check of
     every base tensor) and run 8 tokens through it; added to the results JSON as "load_check". Needs
     the whole base model in memory (about 15 GB for the 7B shapes): not part of the streaming run."""
-    from deltacome_ao import DeltaCoMeModel
-    from deltacome_ao.artifact import compressed_layers
+    from deltacome_ao import DeltaCoMeModel, compressed_layers
 
     root = Path(args.dir)
     out = Path(args.out or root / "delta")
     start = time.perf_counter()
     model = DeltaCoMeModel.from_pretrained(str(root / "base"), out, verify="full")
     loaded = time.perf_counter() - start
-    x = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(0))
+    x = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         start = time.perf_counter()
         logits = model(x).logits
@@ -357,8 +386,7 @@ def load_check(args) -> dict:
     check = {"loaded_s": loaded, "verify": "full", "compressed_layers": len(compressed_layers(model)),
              "forward_8_tokens_s": forward, "logits_finite": bool(torch.isfinite(logits).all()),
              "vm_hwm_bytes": _status(os.getpid()).get("VmHWM", 0)}
-    name = "streaming-7b.json" if args.layers == 32 else f"streaming-7b-{args.layers}layers.json"
-    path = Path(args.results) if args.results else REPO / "benchmarks" / "results" / name
+    path = results_path(args)
     if path.is_file():
         result = json.loads(path.read_text())
         result["load_check"] = check
@@ -369,8 +397,11 @@ def load_check(args) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("step", choices=["make", "run", "all", "load", "_child"])
-    parser.add_argument("--dir", default=str(default_dir()), help="where the pair lives (default: %(default)s)")
+    parser.add_argument("step", nargs="?", choices=["make", "run", "all", "load", "_child"],
+                        help="required unless --smoke")
+    parser.add_argument("--smoke", action="store_true",
+                        help="make + run + load on a tiny 2-layer pair in a temporary directory (deleted after)")
+    parser.add_argument("--dir", default=None, help=f"where the pair lives (default: {default_dir()})")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--shard-gb", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -379,23 +410,33 @@ def main(argv=None):
     parser.add_argument("--alpha", type=float, default=1 / 16)
     parser.add_argument("--svd", default="randomized", choices=["auto", "exact", "randomized"])
     parser.add_argument("--out", help="artifact directory (default: DIR/delta)")
-    parser.add_argument("--results", help="results JSON path (default: benchmarks/results/streaming-7b.json)")
+    parser.add_argument("--results", help="results JSON path (default: benchmarks/results/streaming-7b.json; "
+                        "--smoke: a temporary file)")
     parser.add_argument("--poll", type=float, default=1.0, help="seconds between /proc polls")
     parser.add_argument("--clean", action="store_true", help="all: delete the pair and the artifact afterwards")
     parser.add_argument("--summary", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.command_line = "python benchmarks/streaming.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.step is None and not args.smoke:
+        parser.error("give a step (make, run, all, load) or --smoke")
+    args.dims = LLAMA_7B
+    if args.smoke:
+        if args.step not in (None, "all"):
+            parser.error("--smoke runs every step; give no step (or all)")
+        args.step, args.clean, args.dims = "all", args.dir is None, SMOKE
+        args.layers, args.shard_gb, args.poll = 2, 1e-4, 0.1
+        if args.dir is None:
+            args.dir = tempfile.mkdtemp(prefix="deltacome-streaming-smoke-")
+    args.dir = args.dir or str(default_dir())
     if args.step == "_child":
         return _child(args)
     if args.step in ("make", "all"):
         make(args)
     if args.step in ("run", "all"):
         run(args)
-    if args.step == "load":
+    if args.step == "load" or args.smoke:
         load_check(args)
     if args.step == "all" and args.clean:
-        import shutil
-
         shutil.rmtree(args.dir)
         print(f"deleted {args.dir}")
 

@@ -1,0 +1,190 @@
+"""Every script in benchmarks/ runs in its CPU quick / smoke mode, so a benchmark cannot rot unseen.
+
+Each case runs one script as a child process from the repository root (`sys.executable
+benchmarks/<script>.py <quick flag>`), with `TMPDIR` pointing at the test's own temporary
+directory: the quick modes write their results under `tempfile.gettempdir()/deltacome-benchmarks/`
+by default, and the test reads them from there. Each asserts exit status 0, that the results hold
+the expected rows with finite numbers, and that nothing under benchmarks/results/ or docs/ changed.
+GPU-only scripts run their host logic on CPU: the Triton kernels under the interpreter
+(`TRITON_INTERPRET=1`), `kernels.py --aot` compiles for sm_90 without a GPU (and without the
+interpreter). The slowest case takes about half a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = "deltacome-benchmarks"  # the quick modes' directory under tempfile.gettempdir()
+TIMEOUT = 300
+
+
+def finite(*values) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+
+
+def load(tmp: Path, name: str):
+    return json.loads((tmp / OUT / name).read_text())
+
+
+# --- what each run must have produced ----------------------------------------------------------------
+
+
+def check_compressed_base(tmp, stdout):
+    rows = {r["model"]: r for r in load(tmp, "compressed-base.json")["rows"]}
+    assert list(rows) == ["fine-tuned", "fp32 base alone", "fp32 base + delta", "int8 base + delta",
+                          "int8 base alone", "int8 fine-tuned"]
+    for r in rows.values():
+        assert finite(r["projection_bytes"], r["accuracy"], r["kl"], r["ppl_answers"]) and 0 <= r["accuracy"] <= 1, r
+    assert rows["fine-tuned"]["kl"] == 0
+    assert rows["int8 base + delta"]["projection_bytes"] < rows["fp32 base + delta"]["projection_bytes"]
+    assert rows["fp32 base + delta"]["kl"] < rows["fp32 base alone"]["kl"]
+
+
+def check_kernels_smoke(tmp, stdout):
+    rows = load(tmp, "kernels-cpu-smoke.json")
+    assert [(r["shape"], r["tokens"]) for r in rows] == [([136, 200], 1), ([136, 200], 17)]
+    for r in rows:
+        assert finite(r["base_us"], r["fused_us"], r["unfused_us"], r["delta_bytes"]) and r["rank"] > 0, r
+        # every Triton path really ran (under the interpreter)
+        want = {"gemm_fused", "gemm_dequant"} | ({"gemv"} if r["tokens"] <= 16 else set())
+        assert set(r["paths_us"]) == want and finite(*r["paths_us"].values()), r
+    e2e = load(tmp, "kernels-cpu-smoke-e2e.json")
+    assert [r["weights"] for r in e2e] == ["base", "base+delta"]
+    assert all("error" not in r and finite(r["tokens_per_s"]) and r["new_tokens"] == 4 for r in e2e), e2e
+    tune = load(tmp, "kernels-cpu-smoke-tune.json")
+    assert [r["kernel"] for r in tune] == ["GEMV", "GEMM"]
+    assert all(r["tried"] == 2 and len(r["best"]) == 2 and finite(*(b["us"] for b in r["best"])) for r in tune), tune
+
+
+def check_kernels_aot(tmp, stdout):
+    lines = [line for line in stdout.splitlines() if line.startswith("136x200 ")]
+    assert [line.split()[2].rstrip(":") for line in lines] == ["gemv", "tproj", "gemm"], stdout
+    assert all(" regs" in line and " B spilled" in line for line in lines), lines
+
+
+def check_lm_eval_check(tmp, stdout):
+    doc = load(tmp, "lm_eval_check.json")
+    assert doc["pairs"] == ["llama-arith"] and doc["problems"] == 16
+    assert [r["model"] for r in doc["rows"]] == ["base", "fine-tuned", "Delta-CoMe RTN alpha=0.0625"]
+    for r in doc["rows"]:
+        assert r["equal"] and r["n"] == 16 and finite(r["task_accuracy"], r["lm_eval_accuracy"]), r
+
+
+def check_memory_table(tmp, stdout):
+    t = load(tmp, "memory-table.json")
+    rows = {r["setting"]: r for r in t["rows"]}
+    assert len(rows) == 5 and t["ns"] == [2, 4, 8, 16, 32, 64]
+    full = rows["uncompressed (N full bf16 models)"]
+    shared = rows["Delta-CoMe a=1/16, kept shared"]
+    assert 0 < 16 * shared["per_model_bytes"] < 1.01 * t["sizes"]["projection_bytes_bf16"]
+    assert shared["max_n"]["80GB"] > 10 * full["max_n"]["80GB"] >= 10
+    assert rows["Delta-CoMe a=1/32, kept shared"]["max_n"]["141GB"] > shared["max_n"]["141GB"]
+
+
+def check_quality(tmp, stdout):
+    doc = load(tmp, "quality-smoke/quality.json")
+    entry = doc["pairs"]["llama-arith"]
+    assert [r["variant"] for r in entry["rows"]] == ["base", "fine-tuned", "deltacome", "deltacome-optimal", "bitdelta"]
+    for r in entry["rows"]:
+        assert finite(r["accuracy"], r["kl"], r["ppl_task"], r["ppl_python"]) and 0 <= r["accuracy"] <= 1, r
+        if r["alpha"]:
+            assert r["alpha"] == "1/16" and finite(*r["activation_error"].values()) and r["widths_sample"]["layer"]
+    claims = doc["claims"]["llama-arith"]
+    assert set(claims["a_top10pct_energy"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                "down_proj"}
+    assert finite(claims["c_optimal_vs_paper"]["1/16 RTN"]["error_ratio"])
+    docs = tmp / OUT / "quality-smoke"
+    assert "## llama-arith" in (docs / "quality.md").read_text()
+    for png in ("quality-spectra.png", "quality-bits.png", "quality-accuracy-vs-alpha.png"):
+        assert (docs / "img" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def check_serve_demo(tmp, stdout):
+    s = load(tmp, "serve-demo.json")
+    assert s["ok"] and s["wrong_answers"] == 0 and s["crashes"] == 0 and not s["hung_threads"], s
+    assert s["requests_answered"] == 60 and s["outcomes"].get("ok", 0) > 0 and s["deltas"] == 3
+
+
+def check_serving(tmp, stdout):
+    doc = load(tmp, "serving-cpu-smoke.json")
+    rows = doc["rows"]
+    assert [(r["batch"], r["deltas"]) for r in rows] == [(2, 1), (6, 1), (6, 3)]
+    for r in rows:
+        assert finite(r["base_us"], r["segmented_us"], r["naive_us"], r["reference_us"]), r
+        # the segmented kernel (interpreted) gives what one compressed model per delta gives
+        assert finite(r["max_abs_diff_vs_naive"]) and r["max_abs_diff_vs_naive"] <= 1e-2 * r["max_abs_out"], r
+
+
+def check_streaming(tmp, stdout):
+    doc = load(tmp, "streaming-smoke.json")
+    assert doc["pair"]["dims"] == {"hidden": 128, "mlp": 344, "heads": 4, "vocab": 256}
+    assert doc["summary"]["compressed"] == 14 and doc["pair"]["shards"] > 1
+    assert finite(doc["measured"]["wall_s"], doc["measured"]["peak_rss_bytes"]) and doc["measured"]["peak_rss_bytes"] > 0
+    assert len(doc["error_check"]) == 14
+    for r in doc["error_check"]:
+        assert finite(r["rel_error"], r["not_rank64_share"]) and 0 < r["rel_error"] < 1, r
+    assert doc["load_check"]["logits_finite"] and doc["load_check"]["compressed_layers"] == 14
+    assert not any(p.name.startswith("deltacome-streaming-smoke-") for p in tmp.iterdir())  # the pair was deleted
+
+
+def check_target_correction(tmp, stdout):
+    rows = load(tmp, "target-correction.json")["rows"]
+    assert [(r["pair"], r["alpha"], r["allocation"]) for r in rows] == [("llama-arith", "1/16", "paper")]
+    assert finite(*rows[0]["accuracy"], *rows[0]["kl"]) and all(0 <= a <= 1 for a in rows[0]["accuracy"])
+
+
+# script, arguments, extra environment (None: remove the variable), check
+CASES = {
+    "compressed_base": ("compressed_base.py", ["--quick"], {}, check_compressed_base),
+    "kernels-smoke": ("kernels.py", ["--smoke"], {"TRITON_INTERPRET": "1"}, check_kernels_smoke),
+    "kernels-aot": ("kernels.py", ["--aot", "--shapes", "136x200", "--tokens", "1,17"], {"TRITON_INTERPRET": None},
+                    check_kernels_aot),
+    "lm_eval_check": ("lm_eval_check.py", ["--quick"], {}, check_lm_eval_check),
+    # pure arithmetic, ~1 s: no separate quick mode, only the output moved
+    "memory_table": ("memory_table.py", ["--out", "{tmp}/" + OUT + "/memory-table.json"], {}, check_memory_table),
+    "quality": ("quality.py", ["--smoke"], {}, check_quality),
+    "serve_demo": ("serve_demo.py", ["--quick"], {}, check_serve_demo),
+    "serving": ("serving.py", ["--smoke"], {"TRITON_INTERPRET": "1"}, check_serving),
+    "streaming": ("streaming.py", ["--smoke"], {}, check_streaming),
+    "target_correction": ("target_correction.py", ["--quick"], {}, check_target_correction),
+}
+
+
+def test_every_script_has_a_case():
+    assert {CASES[c][0] for c in CASES} == {p.name for p in (REPO / "benchmarks").glob("*.py")}
+
+
+def _snapshot() -> dict:
+    """(size, mtime) of every committed result and doc: a quick run must leave them alone."""
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns)
+            for root in (REPO / "benchmarks" / "results", REPO / "docs") for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_benchmark_quick_mode(case, tmp_path):
+    script, args, extra, check = CASES[case]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OMP_WAIT_POLICY="PASSIVE", TMPDIR=str(tmp_path), PYTHONUNBUFFERED="1")
+    for k, v in extra.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    before = _snapshot()
+    start = time.perf_counter()
+    r = subprocess.run([sys.executable, f"benchmarks/{script}", *(a.format(tmp=tmp_path) for a in args)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    seconds = time.perf_counter() - start
+    print(f"{case}: {seconds:.1f} s")
+    assert r.returncode == 0, f"exit {r.returncode}\n--- stdout\n{r.stdout[-3000:]}\n--- stderr\n{r.stderr[-6000:]}"
+    check(tmp_path, r.stdout)
+    assert _snapshot() == before, "a quick run wrote into benchmarks/results/ or docs/"
