@@ -219,7 +219,7 @@ def tune(args, device, candidates=None):
     from deltacome_ao.kernels import configs
     from deltacome_ao.kernels.delta_gemm import delta_gemm_fused
     from deltacome_ao.kernels.delta_gemv import delta_gemv
-    from deltacome_ao.kernels.dispatch import cached_layout
+    from deltacome_ao.kernels.dispatch import cached_layout, kernel_factors
 
     if device.type == "cuda":
         timer = CudaTimer(device, max(20, args.reps // 4))
@@ -229,7 +229,7 @@ def tune(args, device, candidates=None):
     for out_f, in_f in args.shapes:
         w = make_weight(out_f, in_f, args.alpha, device)
         f = w.factors
-        a = (w.base_weight, *f.tensors().values(), cached_layout(f.bits, f.counts, out_f, in_f, f.group_size))
+        a = (w.base_weight, kernel_factors(f), cached_layout(f.bits, f.counts, out_f, in_f, f.group_size))
         for tokens in args.tokens:
             x = torch.randn(tokens, in_f, device=device, dtype=torch.bfloat16)
             if tokens <= 16:
@@ -260,6 +260,7 @@ def aot_report(args):
     from deltacome_ao.kernels.aot import compile_launch
     from deltacome_ao.kernels.dispatch import cached_layout
     from deltacome_ao.allocate import allocate
+    from deltacome_ao.factors import PackedFactors
 
     for out_f, in_f in args.shapes:
         bands = allocate(out_f, in_f, args.alpha)
@@ -267,16 +268,17 @@ def aot_report(args):
         e = lambda dt, n=8: torch.empty(n, dtype=dt)  # noqa: E731  (only dtypes matter)
         fac = (e(torch.uint8), e(torch.float16), e(torch.uint8), e(torch.uint8), e(torch.float16), e(torch.uint8))
         s = e(torch.float32, max(lay.rank, 1))
+        pf = PackedFactors(*fac, s, lay.bits, lay.counts, 128, out_f, in_f)
         w = torch.empty(out_f, in_f, dtype=torch.bfloat16)
         for tokens in args.tokens:
             x = torch.empty(tokens, in_f, dtype=torch.bfloat16)
             if tokens <= 16:
-                k, grid, a, kw, _ = delta_gemv.gemv_launch_args(x, w, *fac, s, lay)
+                k, grid, a, kw, _ = delta_gemv.gemv_launch_args(x, w, pf, lay)
                 launches = [("gemv", k, grid, a, kw)]
             else:
-                k, grid, a, kw, t = delta_gemm.tproj_launch_args(x, fac[0], fac[1], fac[2], s, lay)
+                k, grid, a, kw, t = delta_gemm.tproj_launch_args(x, pf, lay)
                 launches = [("tproj", k, grid, a, kw)]
-                k, grid, a, kw, _ = delta_gemm.gemm_launch_args(x, w, t, fac[3], fac[4], fac[5], s, lay)
+                k, grid, a, kw, _ = delta_gemm.gemm_launch_args(x, w, t, pf, lay)
                 launches.append(("gemm", k, grid, a, kw))
             for name, k, grid, a, kw in launches:
                 info = compile_launch(k, a, kw, arch=args.arch)

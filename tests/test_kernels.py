@@ -119,7 +119,8 @@ def _reference(x, w):
 
 
 def _factors(w):
-    return (w.base_weight, w.v_packed, w.v_scale, w.v_zero, w.u_packed, w.u_scale, w.u_zero, w.s, _layout(w))
+    """(base weight, kernel-ready PackedFactors, layout): the kernels' arguments for weight `w`."""
+    return (w.base_weight, dispatch_mod.kernel_factors(w.factors), _layout(w))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,15 +137,14 @@ def test_dequant_all_bit_widths_match_reference(shape):
     bands = [(16, 2), (8, 2), (7, 3), (6, 4), (5, 5), (4, 6), (3, 7), (2, 8), (1, 9)]
     w = MixedPrecisionDeltaTensor.from_hp(ft, base, bands=bands, group_size=GROUP)
     lay = _layout(w)
-    for which, packed, scale, zero, length in (
-        ("v", w.v_packed, w.v_scale, w.v_zero, in_f), ("u", w.u_packed, w.u_scale, w.u_zero, out_f),
-    ):
-        ref = w.factors.dequantize_factor(which)
-        got = dequant_mod.dequantize_factor_triton(packed, scale, zero, w.s, lay, which)
+    f = w.factors
+    for which in ("v", "u"):
+        ref = f.dequantize_factor(which)
+        got = dequant_mod.dequantize_factor_triton(f, lay, which)
         torch.testing.assert_close(got, ref, atol=0, rtol=0)
-        got = dequant_mod.dequantize_factor_triton(packed, scale, zero, w.s, lay, which, torch.float32, dequant_mod.MULT_S)
+        got = dequant_mod.dequantize_factor_triton(f, lay, which, torch.float32, dequant_mod.MULT_S)
         torch.testing.assert_close(got, ref * w.s[:, None], atol=1e-6, rtol=1e-6)
-        sq = dequant_mod.dequantize_factor_triton(packed, scale, zero, w.s, lay, which, torch.float32, dequant_mod.MULT_SQRT)
+        sq = dequant_mod.dequantize_factor_triton(f, lay, which, torch.float32, dequant_mod.MULT_SQRT)
         torch.testing.assert_close(sq, ref * w.s.abs().sqrt()[:, None], atol=1e-6, rtol=1e-5)
 
 
@@ -153,9 +153,7 @@ def test_dequant_small_blocks_cover_every_tile():
     w = _weight(77, 300, "paper")
     lay = _layout(w)
     ref = w.factors.dequantize_factor("v")
-    got = dequant_mod.dequantize_factor_triton(
-        w.v_packed, w.v_scale, w.v_zero, w.s, lay, "v", config={"BLOCK_R": 16, "BLOCK_L": 64},
-    )
+    got = dequant_mod.dequantize_factor_triton(w.factors, lay, "v", config={"BLOCK_R": 16, "BLOCK_L": 64})
     torch.testing.assert_close(got, ref, atol=0, rtol=0)
 
 
@@ -329,19 +327,21 @@ e = lambda dt, n=8: torch.empty(n, dtype=dt)
 w = torch.empty(out_f, in_f, dtype=torch.bfloat16)
 fac = (e(torch.uint8), e(torch.float16), e(torch.uint8), e(torch.uint8), e(torch.float16), e(torch.uint8))
 s = e(torch.float32, 1000)
+from deltacome_ao.factors import PackedFactors
+pf = PackedFactors(*fac, s, lay.bits, lay.counts, 128, out_f, in_f)
 infos = []
 for m, dt in ((1, torch.bfloat16), (2, torch.bfloat16), (4, torch.bfloat16), (16, torch.bfloat16),
               (1, torch.float16), (16, torch.float32)):
     x = torch.empty(m, in_f, dtype=dt)
-    k, grid, args, kw, _ = delta_gemv.gemv_launch_args(x, w, *fac, s, lay)
+    k, grid, args, kw, _ = delta_gemv.gemv_launch_args(x, w, pf, lay)
     infos.append((f"gemv M={m} {dt}", compile_launch(k, args, kw)))
 for m, dt in ((64, torch.bfloat16), (2048, torch.bfloat16), (300, torch.float16), (300, torch.float32)):
     x = torch.empty(m, in_f, dtype=dt)
-    k, grid, args, kw, t = delta_gemm.tproj_launch_args(x, fac[0], fac[1], fac[2], s, lay)
+    k, grid, args, kw, t = delta_gemm.tproj_launch_args(x, pf, lay)
     infos.append((f"tproj M={m} {dt}", compile_launch(k, args, kw)))
-    k, grid, args, kw, y = delta_gemm.gemm_launch_args(x, w, t, fac[3], fac[4], fac[5], s, lay)
+    k, grid, args, kw, y = delta_gemm.gemm_launch_args(x, w, t, pf, lay)
     infos.append((f"gemm M={m} {dt}", compile_launch(k, args, kw)))
-k, grid, args, kw = dequant.dequant_launch_args(fac[0], fac[1], fac[2], s, lay, "v", torch.bfloat16, dequant.MULT_SQRT)
+k, grid, args, kw = dequant.dequant_launch_args(pf, lay, "v", torch.bfloat16, dequant.MULT_SQRT)
 infos.append(("dequant", compile_launch(k, args, kw)))
 for name, info in infos:
     print(name, info.registers, info.spill_bytes, info.shared_bytes)

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..factors import PackedFactors
 from .common import dequant_band
 from .configs import gemm_config, tproj_config
 from .dequant import MULT_SIGNED_SQRT, MULT_SQRT, dequantize_factor_triton, row_multiplier
@@ -127,7 +128,7 @@ def _prec(dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def tproj_launch_args(x2, v_packed, v_scale, v_zero, s, layout: BandLayout, config: dict | None = None):
+def tproj_launch_args(x2, factors: PackedFactors, layout: BandLayout, config: dict | None = None):
     M, IN = x2.shape
     cfg = tproj_config(M, fp32=x2.dtype == torch.float32)
     if config:
@@ -137,7 +138,9 @@ def tproj_launch_args(x2, v_packed, v_scale, v_zero, s, layout: BandLayout, conf
     split_k = cfg.setdefault("SPLIT_K", 1)
     alloc = torch.zeros if split_k > 1 else torch.empty
     t = alloc(M, max(layout.rank, 1), dtype=torch.float32, device=x2.device)
-    args = (x2, _nonempty(v_packed), _nonempty(v_scale), _nonempty(v_zero), _nonempty(s), t, M, x2.stride(0), t.stride(0))
+    f = factors
+    args = (x2, _nonempty(f.v_packed), _nonempty(f.v_scale), _nonempty(f.v_zero), _nonempty(f.s), t, M, x2.stride(0),
+            t.stride(0))
     kwargs = dict(
         IN=IN, GROUP=layout.group_size, NG_IN=layout.v_groups, NBANDS=layout.nbands, BITS=layout.bits,
         COUNTS=layout.counts, V_OFFS=layout.v_offsets, SCALE_ROWS=layout.scale_rows, J_OFFS=layout.rank_offsets,
@@ -146,7 +149,7 @@ def tproj_launch_args(x2, v_packed, v_scale, v_zero, s, layout: BandLayout, conf
     return _tproj_kernel, (triton.cdiv(M, cfg["BM"]), chunks[-1], split_k), args, kwargs, t
 
 
-def gemm_launch_args(x2, base_weight, t, u_packed, u_scale, u_zero, s, layout: BandLayout, config: dict | None = None):
+def gemm_launch_args(x2, base_weight, t, factors: PackedFactors, layout: BandLayout, config: dict | None = None):
     M, IN = x2.shape
     OUT = base_weight.shape[0]
     cfg = gemm_config(M, fp32=x2.dtype == torch.float32)
@@ -154,8 +157,9 @@ def gemm_launch_args(x2, base_weight, t, u_packed, u_scale, u_zero, s, layout: B
         cfg.update(config)
     num_warps, num_stages = cfg.pop("num_warps", 4), cfg.pop("num_stages", 3)
     y = torch.empty(M, OUT, dtype=x2.dtype, device=x2.device)
+    f = factors
     args = (
-        x2, base_weight, t, _nonempty(u_packed), _nonempty(u_scale), _nonempty(u_zero), _nonempty(s), y,
+        x2, base_weight, t, _nonempty(f.u_packed), _nonempty(f.u_scale), _nonempty(f.u_zero), _nonempty(f.s), y,
         M, x2.stride(0), base_weight.stride(0), base_weight.stride(1), t.stride(0), y.stride(0),
     )
     kwargs = dict(
@@ -167,25 +171,25 @@ def gemm_launch_args(x2, base_weight, t, u_packed, u_scale, u_zero, s, layout: B
     return _gemm_kernel, grid, args, kwargs, y
 
 
-def delta_gemm_fused(x2, base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s, layout: BandLayout,
-                     tproj: dict | None = None, gemm: dict | None = None) -> torch.Tensor:
-    """Tensor-core path for x2 (M, in) contiguous rows; returns (M, out) in x2.dtype."""
+def delta_gemm_fused(x2, base_weight, factors: PackedFactors, layout: BandLayout, tproj: dict | None = None,
+                     gemm: dict | None = None) -> torch.Tensor:
+    """Tensor-core path for x2 (M, in) contiguous rows; returns (M, out) in x2.dtype. `factors`:
+    contiguous tensors, fp32 `s` (`dispatch.kernel_factors`)."""
     if layout.rank:
-        kernel, grid, args, kwargs, t = tproj_launch_args(x2, v_packed, v_scale, v_zero, s, layout, tproj)
+        kernel, grid, args, kwargs, t = tproj_launch_args(x2, factors, layout, tproj)
         kernel[grid](*args, **kwargs)
     else:
         t = torch.empty(x2.shape[0], 1, dtype=torch.float32, device=x2.device)
-    kernel, grid, args, kwargs, y = gemm_launch_args(x2, base_weight, t, u_packed, u_scale, u_zero, s, layout, gemm)
+    kernel, grid, args, kwargs, y = gemm_launch_args(x2, base_weight, t, factors, layout, gemm)
     kernel[grid](*args, **kwargs)
     return y
 
 
-def delta_gemm_dequant(x2, base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s,
-                       layout: BandLayout) -> torch.Tensor:
+def delta_gemm_dequant(x2, base_weight, factors: PackedFactors, layout: BandLayout) -> torch.Tensor:
     """Dequantise both factors (Triton), then three cuBLAS matmuls, in x2.dtype."""
     y = torch.nn.functional.linear(x2, base_weight.to(x2.dtype))
     if layout.rank == 0:
         return y
-    v = dequantize_factor_triton(v_packed, v_scale, v_zero, s, layout, "v", x2.dtype, MULT_SQRT)
-    ut = dequantize_factor_triton(u_packed, u_scale, u_zero, s, layout, "u", x2.dtype, MULT_SIGNED_SQRT)
+    v = dequantize_factor_triton(factors, layout, "v", x2.dtype, MULT_SQRT)
+    ut = dequantize_factor_triton(factors, layout, "u", x2.dtype, MULT_SIGNED_SQRT)
     return torch.addmm(y, x2 @ v.T, ut)

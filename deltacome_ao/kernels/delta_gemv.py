@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..factors import PackedFactors
 from .common import dequant_band
 from .configs import gemv_block_m, gemv_config
 from .layout import BandLayout, chunk_starts
@@ -160,8 +161,7 @@ def _nonempty(t: torch.Tensor) -> torch.Tensor:
     return t if t.numel() else torch.zeros(1, dtype=t.dtype, device=t.device)
 
 
-def gemv_launch_args(x2, base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s, layout: BandLayout,
-                     config: dict | None = None):
+def gemv_launch_args(x2, base_weight, factors: PackedFactors, layout: BandLayout, config: dict | None = None):
     """(kernel, grid, positional args, keyword args) of one fused-GEMV launch; allocates y and scratch.
 
     Split from `delta_gemv` so the exact same launch can be compiled ahead of time (tests/aot.py).
@@ -181,9 +181,10 @@ def gemv_launch_args(x2, base_weight, v_packed, v_scale, v_zero, u_packed, u_sca
     t = torch.empty(max(M * layout.rank, 1), dtype=torch.float32, device=dev)
     sync = torch.zeros(2, dtype=torch.int32, device=dev)
     fp32 = x2.dtype == torch.float32
+    f = factors
     args = (
-        x2, base_weight, _nonempty(v_packed), _nonempty(v_scale), _nonempty(v_zero),
-        _nonempty(u_packed), _nonempty(u_scale), _nonempty(u_zero), _nonempty(s), t, sync, y,
+        x2, base_weight, _nonempty(f.v_packed), _nonempty(f.v_scale), _nonempty(f.v_zero),
+        _nonempty(f.u_packed), _nonempty(f.u_scale), _nonempty(f.u_zero), _nonempty(f.s), t, sync, y,
         M, x2.stride(0), base_weight.stride(0), base_weight.stride(1), y.stride(0),
     )
     kwargs = dict(
@@ -197,11 +198,9 @@ def gemv_launch_args(x2, base_weight, v_packed, v_scale, v_zero, u_packed, u_sca
     return _delta_gemv_kernel, (t_progs + tiles,), args, kwargs, y
 
 
-def delta_gemv(x2, base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s, layout: BandLayout,
-               config: dict | None = None) -> torch.Tensor:
-    """Fused base + delta GEMV for x2 (M ≤ 16, in) contiguous rows; returns (M, out) in x2.dtype."""
-    kernel, grid, args, kwargs, y = gemv_launch_args(
-        x2, base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s, layout, config,
-    )
+def delta_gemv(x2, base_weight, factors: PackedFactors, layout: BandLayout, config: dict | None = None) -> torch.Tensor:
+    """Fused base + delta GEMV for x2 (M ≤ 16, in) contiguous rows; returns (M, out) in x2.dtype.
+    `factors`: contiguous tensors, fp32 `s` (`dispatch.kernel_factors`)."""
+    kernel, grid, args, kwargs, y = gemv_launch_args(x2, base_weight, factors, layout, config)
     kernel[grid](*args, **kwargs)
     return y

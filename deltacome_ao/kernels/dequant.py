@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..factors import PackedFactors
 from .common import dequant_band
 from .configs import dequant_config
 from .layout import BandLayout, chunk_starts
@@ -68,9 +69,11 @@ def _nonempty(t: torch.Tensor) -> torch.Tensor:
     return t if t.numel() else torch.zeros(1, dtype=t.dtype, device=t.device)
 
 
-def dequant_launch_args(packed, scale, zero, s, layout: BandLayout, which: str, dtype=torch.float32,
+def dequant_launch_args(factors: PackedFactors, layout: BandLayout, which: str, dtype=torch.float32,
                         mode: int = MULT_NONE, config: dict | None = None):
     """(kernel, grid, args, kwargs) of one whole-factor dequantisation; args[4] is the output."""
+    packed, scale, zero, s = (getattr(factors, f"{which}_packed"), getattr(factors, f"{which}_scale"),
+                              getattr(factors, f"{which}_zero"), factors.s)
     length = layout.in_features if which == "v" else layout.out_features
     offsets = layout.v_offsets if which == "v" else layout.u_offsets
     ngroups = layout.v_groups if which == "v" else layout.u_groups
@@ -91,13 +94,11 @@ def dequant_launch_args(packed, scale, zero, s, layout: BandLayout, which: str, 
     return _dequant_kernel, grid, args, kwargs
 
 
-def dequantize_factor_triton(
-    packed, scale, zero, s, layout: BandLayout, which: str, dtype=torch.float32, mode: int = MULT_NONE,
-    config: dict | None = None,
-) -> torch.Tensor:
+def dequantize_factor_triton(factors: PackedFactors, layout: BandLayout, which: str, dtype=torch.float32,
+                             mode: int = MULT_NONE, config: dict | None = None) -> torch.Tensor:
     """Dense (rank, length) factor (`which` = "v": V̂, rows of length in; "u": Ûᵀ, rows of length out),
     row j multiplied by `row_multiplier(s[j], mode)`, in `dtype`."""
-    kernel, grid, args, kwargs = dequant_launch_args(packed, scale, zero, s, layout, which, dtype, mode, config)
+    kernel, grid, args, kwargs = dequant_launch_args(factors, layout, which, dtype, mode, config)
     out = args[4]
     if out.numel():
         kernel[grid](*args, **kwargs)

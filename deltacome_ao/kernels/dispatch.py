@@ -11,6 +11,7 @@ fall back to the reference math of `deltacome_ao.ops`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -22,7 +23,7 @@ from .delta_gemm import delta_gemm_dequant, delta_gemm_fused
 from .delta_gemv import delta_gemv
 from .layout import BandLayout, band_layout
 
-__all__ = ["PATHS", "choose_path", "delta_linear_triton", "cached_layout"]
+__all__ = ["PATHS", "choose_path", "delta_linear_triton", "cached_layout", "kernel_factors"]
 
 PATHS = ("gemv", "gemm_fused", "gemm_dequant")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -38,6 +39,12 @@ def _device_name(device: torch.device) -> str | None:
     if device.type != "cuda":
         return None
     return torch.cuda.get_device_name(device)
+
+
+def kernel_factors(factors: PackedFactors) -> PackedFactors:
+    """The factors as the kernels read them: every tensor contiguous, `s` in fp32."""
+    f = factors.map_tensors(lambda t: t.contiguous())
+    return f if f.s.dtype == torch.float32 else dataclasses.replace(f, s=f.s.float())
 
 
 def choose_path(tokens: int, device: torch.device | None = None, dtype: torch.dtype | None = None) -> str:
@@ -66,8 +73,7 @@ def delta_linear_triton(x: torch.Tensor, base_weight: torch.Tensor, factors: Pac
         x2 = x2.contiguous()
     tokens = x2.shape[0]
     path = path or choose_path(tokens, x.device, x.dtype)
-    args = (x2, base_weight, f.v_packed, f.v_scale.contiguous(), f.v_zero.contiguous(), f.u_packed,
-            f.u_scale.contiguous(), f.u_zero.contiguous(), f.s.float().contiguous(), layout)
+    args = (x2, base_weight, kernel_factors(f), layout)
     if path == "gemv":
         y = delta_gemv(*args)
     elif path == "gemm_fused":
