@@ -41,6 +41,9 @@ import warnings
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # this checkout's deltacome_ao, not an installed one
+    sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
