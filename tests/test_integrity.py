@@ -1,0 +1,357 @@
+"""Trust the bytes: the artifact's content digests, defensive reading, all-or-nothing loads, dtype
+harmonisation, meta-device bases, unsupported operations on compressed weights (issue 11).
+
+Each test covers one kind of bad input: a corrupted tensor or field is a `DeltaFormatError` naming
+it, a failed load leaves the base bit-identical, a mixed-dtype delta loads (and serves) in the
+base's dtype, and operations a compressed weight does not implement say so in one short message.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import struct
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from deltacome_ao import DeltaCoMeConfig, MixedPrecisionDeltaTensor, compress_, load_delta, save_delta
+from deltacome_ao.artifact import BaseMismatchError, DeltaFormatError
+from deltacome_ao.format import (
+    CONFIG_NAME,
+    DOCUMENT_DIGEST,
+    WEIGHTS_NAME,
+    IntegrityWarning,
+    document_digest,
+    document_text,
+    read_delta_config,
+    tensor_record,
+    verify_artifact,
+)
+from deltacome_ao.serving import MultiDeltaModel
+from tiny_models import finetune, ids, tiny
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    base = tiny(tie_word_embeddings=True)
+    ft = finetune(base)
+    compress_(ft, DeltaCoMeConfig(base=base, group_size=32, progress=False))
+    return base, ft
+
+
+@pytest.fixture
+def artifact(pair, tmp_path):
+    base, ft = pair
+    return save_delta(ft, tmp_path / "delta", base=base)
+
+
+def raw(t):
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def state(model):
+    """{name: (type, dtype, bytes)}: compressed weights by inner tensor."""
+    out = {}
+    for k, v in model.state_dict().items():
+        parts = {n: getattr(v, n) for n in v.tensor_data_names} if isinstance(v, MixedPrecisionDeltaTensor) else {"": v}
+        for n, t in parts.items():
+            out[f"{k}:{n}"] = (type(v).__name__, t.dtype, raw(t).clone())
+    return out
+
+
+def assert_untouched(model, before):
+    after = state(model)
+    assert list(after) == list(before)
+    for k, (kind, dtype, data) in before.items():
+        assert after[k][0] == kind and after[k][1] == dtype and torch.equal(after[k][2], data), k
+
+
+def rewrite(out, edit_document=None, edit_tensors=None, redigest=True):
+    """Edit an artifact as a tool would that keeps it self-consistent (tensor records and the
+    document digest recomputed), so that the check under test is the one that fires."""
+    document = json.loads((out / CONFIG_NAME).read_text())
+    tensors = load_file(out / WEIGHTS_NAME)
+    if edit_tensors:
+        edit_tensors(tensors)
+        save_file(tensors, out / WEIGHTS_NAME, metadata={"format": "pt", "deltacome": "deltacome-delta",
+                                                         "format_version": str(document["format_version"])})
+        document["integrity"]["tensors"] = {k: tensor_record(v) for k, v in sorted(tensors.items())}
+    if edit_document:
+        edit_document(document)
+    if redigest:
+        document[DOCUMENT_DIGEST] = document_digest(document)
+    (out / CONFIG_NAME).write_text(document_text(document))
+
+
+# --- content digests -----------------------------------------------------------------------------
+
+
+def test_document_records_every_tensor_and_itself(artifact):
+    document = json.loads((artifact / CONFIG_NAME).read_text())
+    assert document["format_version"] == 2
+    stored = load_file(artifact / WEIGHTS_NAME)
+    assert document["integrity"]["tensors"] == {k: tensor_record(v) for k, v in sorted(stored.items())}
+    assert document[DOCUMENT_DIGEST] == document_digest(document)
+    # formatting does not matter, values do
+    (artifact / CONFIG_NAME).write_text(json.dumps(document, sort_keys=True))
+    assert verify_artifact(artifact)["kept"] == document["kept"]
+
+
+def test_flipped_tensor_bit_is_named(pair, artifact):
+    base, _ = pair
+    data = bytearray((artifact / WEIGHTS_NAME).read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    name = "model.layers.1.mlp.up_proj.weight:u_packed"
+    data[8 + n + header[name]["data_offsets"][0] + 3] ^= 0x10
+    (artifact / WEIGHTS_NAME).write_bytes(bytes(data))
+    target = copy.deepcopy(base)
+    before = state(target)
+    with pytest.raises(DeltaFormatError, match=r"'model\.layers\.1\.mlp\.up_proj\.weight:u_packed' does not match its recorded sha256"):
+        load_delta(target, artifact)
+    assert_untouched(target, before)
+    with pytest.raises(DeltaFormatError, match="u_packed"):
+        verify_artifact(artifact)
+    # verify="none" skips the content checks, explicitly: the load succeeds (with the corrupted codes)
+    loaded = load_delta(copy.deepcopy(base), artifact, verify="none")
+    assert isinstance(loaded.model.layers[1].mlp.up_proj.weight, MixedPrecisionDeltaTensor)
+
+
+@pytest.mark.parametrize("field, value", [("user", {"task": "other"}), ("alpha", 0.5), ("kept", []),
+                                          ("integrity", None)])
+def test_changed_field_is_detected(pair, artifact, field, value):
+    base, _ = pair
+    document = json.loads((artifact / CONFIG_NAME).read_text())
+    document[field] = value
+    (artifact / CONFIG_NAME).write_text(json.dumps(document))
+    with pytest.raises(DeltaFormatError, match="does not match its document_sha256"):
+        load_delta(copy.deepcopy(base), artifact)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("kept", "model.norm.weight", r"field 'kept' must be a list of distinct tensor names, got str"),
+    ("kept", ["model.norm.weight", "model.norm.weight"], r"field 'kept' must be a list of distinct"),
+    ("aliases", {"lm_head.weight": 3}, r"field 'aliases' must be an object"),
+    ("aliases", {"lm_head.weight": "lm_head.weight"}, r"field 'aliases' entry"),
+    ("layers", [], r"field 'layers' must be an object"),
+    ("model_config", "llama", r"field 'model_config' must be an object or null"),
+    ("bytes", {"compressed": "1"}, r"field 'bytes' must be an object"),
+    ("base_fingerprint", {"tensors": {"x": {"shape": [1], "dtype": "float32", "sha256": "nope"}}},
+     r"field 'base_fingerprint' tensors\['x'\]\.sha256 must be a sha256 hex digest"),
+    ("base_fingerprint", None, r"field 'base_fingerprint' must be an object"),
+    ("format_version", "2", r"field 'format_version' must be an integer"),
+    ("integrity", {"tensors": {}}, r"field 'integrity\.tensors' does not list the stored tensors"),
+])
+def test_malformed_field_is_named_even_unhashed(pair, artifact, field, value, message):
+    """With the digest recomputed (or verify="none"), every field's type is still checked, naming
+    the file and the field."""
+    base, _ = pair
+    rewrite(artifact, lambda d: d.__setitem__(field, value))
+    for verify in ("full", "none"):
+        target = copy.deepcopy(base)
+        before = state(target)
+        with pytest.raises(DeltaFormatError, match=message) as info:
+            load_delta(target, artifact, verify=verify)
+        assert CONFIG_NAME in str(info.value)
+        assert_untouched(target, before)
+
+
+def test_layer_spec_fields_are_checked(pair, artifact):
+    base, _ = pair
+    layer = "model.layers.0.mlp.down_proj"
+    original = (artifact / CONFIG_NAME).read_bytes()
+    for key, value, message in [("bits", [8.0, 3], "bad bands"), ("counts", "2", "bits and counts"),
+                                ("delta_bytes", 1, "delta_bytes 1 does not match"), ("dtype", "int8", "floating-point"),
+                                ("shape", [64], "bad shape"), ("tensor", "Nope", "Nope")]:
+        (artifact / CONFIG_NAME).write_bytes(original)
+        rewrite(artifact, lambda d: d["layers"][layer].__setitem__(key, value))
+        with pytest.raises(DeltaFormatError, match=message):
+            load_delta(copy.deepcopy(base), artifact)
+
+
+def test_truncated_or_garbled_tensor_file(pair, artifact):
+    base, _ = pair
+    data = (artifact / WEIGHTS_NAME).read_bytes()
+    for broken in (data[:100], data[:-1], data + b"\0", b"", data[:8] + b"[" + data[9:]):
+        (artifact / WEIGHTS_NAME).write_bytes(broken)
+        with pytest.raises(DeltaFormatError, match=r"delta\.safetensors: not a readable safetensors file"):
+            read_delta_config(artifact)
+        with pytest.raises(DeltaFormatError):
+            load_delta(copy.deepcopy(base), artifact)
+
+
+def test_version_1_artifact_loads_with_a_warning(pair, artifact):
+    base, ft = pair
+    reference = load_delta(copy.deepcopy(base), artifact)
+
+    def downgrade(d):
+        d["format_version"] = 1
+        del d["integrity"], d[DOCUMENT_DIGEST]
+
+    rewrite(artifact, downgrade, redigest=False)
+    tensors = load_file(artifact / WEIGHTS_NAME)
+    save_file(tensors, artifact / WEIGHTS_NAME, metadata={"format": "pt", "deltacome": "deltacome-delta", "format_version": "1"})
+    with pytest.warns(IntegrityWarning, match="integrity is not checked"):
+        model = load_delta(copy.deepcopy(base), artifact)
+    with torch.no_grad():
+        assert torch.equal(model(ids()).logits, reference(ids()).logits)
+    # a version 2 document without its digests is refused, not read as version 1
+    rewrite(artifact, lambda d: d.__setitem__("format_version", 2), redigest=False)
+    with pytest.raises(DeltaFormatError, match="'document_sha256' is missing"):
+        load_delta(copy.deepcopy(base), artifact)
+
+
+# --- all or nothing ------------------------------------------------------------------------------
+
+
+def test_bad_alias_leaves_the_base_untouched(pair, artifact):
+    base, _ = pair
+    assert json.loads((artifact / CONFIG_NAME).read_text())["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    original = (artifact / CONFIG_NAME).read_bytes()
+    for aliases, error, message in [
+        ({"lm_head.weight": "model.nothing.weight"}, DeltaFormatError, "which is no tensor"),
+        ({"model.nothing.weight": "model.embed_tokens.weight"}, BaseMismatchError, "no such tensor"),
+        ({"lm_head.weight": "model.norm.weight"}, BaseMismatchError, "has shape"),
+    ]:
+        (artifact / CONFIG_NAME).write_bytes(original)
+        rewrite(artifact, lambda d: d.__setitem__("aliases", aliases))
+        target = copy.deepcopy(base)
+        before = state(target)
+        with pytest.raises(error, match=message):
+            load_delta(target, artifact)
+        assert_untouched(target, before)
+
+
+def test_kept_tensor_of_another_shape_is_refused_before_the_swap(pair, artifact):
+    base, _ = pair
+
+    def shrink(tensors):
+        tensors["model.norm.weight"] = tensors["model.norm.weight"][:-1].clone()
+
+    rewrite(artifact, edit_tensors=shrink)
+    target = copy.deepcopy(base)
+    before = state(target)
+    with pytest.raises(BaseMismatchError, match=r"model\.norm\.weight: the delta stores a \(63,\) tensor, the base model's is \(64,\)"):
+        load_delta(target, artifact)
+    assert_untouched(target, before)
+
+
+def test_sharded_base_directory_fingerprint(pair, tmp_path):
+    """A base saved in many small shards: the fingerprint covers every base tensor (tied ones once),
+    and loading onto that same base (full hashing) works."""
+    base, ft = pair
+    base.save_pretrained(tmp_path / "base", max_shard_size="60KB")
+    assert len(list((tmp_path / "base").glob("*.safetensors"))) > 5
+    out = save_delta(ft, tmp_path / "delta", base=str(tmp_path / "base"))
+    fp = json.loads((out / CONFIG_NAME).read_text())["base_fingerprint"]
+    expected = {k for k in base.state_dict() if k != "lm_head.weight"}  # tied to the embeddings: stored once
+    assert fp["complete"] and set(fp["tensors"]) == expected
+    model = load_delta(copy.deepcopy(base), out, verify="full")
+    with torch.no_grad():
+        assert torch.equal(model(ids()).logits, ft(ids()).logits)
+
+
+# --- dtypes and devices --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """A bf16 base and an fp32 fine-tune of it, compressed and saved."""
+    base = tiny().to(torch.bfloat16)
+    ft = finetune(copy.deepcopy(base).float())
+    compress_(ft, DeltaCoMeConfig(base=base, group_size=32, progress=False))
+    out = save_delta(ft, tmp_path_factory.mktemp("mixed") / "delta", base=base)
+    return base, ft, out
+
+
+def test_mixed_dtypes_load_in_the_base_dtype(mixed):
+    base, ft, out = mixed
+    target = copy.deepcopy(base)
+    base_up = target.model.layers[0].mlp.up_proj.weight
+    with pytest.warns(UserWarning, match="cast to the base's dtype"):
+        model = load_delta(target, out)
+    floats = {k: v.dtype for k, v in model.state_dict().items() if v.is_floating_point()}
+    assert set(floats.values()) == {torch.bfloat16}, floats
+    w = model.model.layers[0].mlp.up_proj.weight
+    assert w.dtype == torch.bfloat16 and w.base_weight.data_ptr() == base_up.data_ptr()  # no fp32 copy of the base
+    with torch.no_grad():
+        logits = model(ids()).logits
+        reference = ft(ids()).logits
+    assert logits.dtype == torch.bfloat16
+    assert ((logits.float() - reference).norm() / reference.norm()).item() < 0.05
+
+
+def test_mixed_dtypes_serve_like_load_delta(mixed):
+    base, _, out = mixed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        single = load_delta(copy.deepcopy(base), out)
+        served = MultiDeltaModel(copy.deepcopy(base))
+        served.load_delta("ft", out)
+    x = ids(batch=3)
+    with torch.no_grad():
+        mixed_rows = served(x, delta_ids=["ft", None, "ft"]).logits
+        alone = single(x).logits
+        plain = base(x).logits
+    assert mixed_rows.dtype == torch.bfloat16
+    torch.testing.assert_close(mixed_rows[[0, 2]], alone[[0, 2]], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(mixed_rows[1], plain[1], rtol=2e-2, atol=2e-2)
+
+
+def test_meta_base_is_refused(pair, artifact):
+    base, _ = pair
+    with torch.device("meta"):
+        on_meta = tiny(tie_word_embeddings=True)
+    for verify in ("none", "full"):
+        with pytest.raises(BaseMismatchError, match="meta device"):
+            load_delta(on_meta, artifact, verify=verify)
+    assert all(p.device.type == "meta" for p in on_meta.parameters())
+
+
+def test_to_empty_on_a_compressed_model(pair):
+    _, ft = pair
+    model = copy.deepcopy(ft)
+    model.to_empty(device="cpu")
+    w = model.model.layers[0].mlp.up_proj.weight
+    assert isinstance(w, MixedPrecisionDeltaTensor) and w.attributes == ft.model.layers[0].mlp.up_proj.weight.attributes
+    model.load_state_dict(ft.state_dict())
+    for name, buffer in ft.named_buffers():  # non-persistent (rotary) buffers are not in a state dict
+        model.get_buffer(name).copy_(buffer)
+    with torch.no_grad():
+        assert torch.equal(model(ids()).logits, ft(ids()).logits)
+
+
+# --- operations a compressed weight does not support ----------------------------------------------
+
+
+def test_torchao_quantize_on_a_compressed_model_says_what_to_do(pair):
+    from torchao import quantize_
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    _, ft = pair
+    with pytest.raises(NotImplementedError, match=r"does not support aten\.view.*quantize_base_") as info:
+        quantize_(copy.deepcopy(ft), Int8WeightOnlyConfig())
+    assert len(str(info.value)) < 1000
+
+
+def test_state_dict_into_plain_or_other_bands_is_short(pair):
+    base, ft = pair
+    plain = copy.deepcopy(base)
+    with pytest.raises(RuntimeError, match=r"copy_: cannot copy a compressed MixedPrecisionDeltaTensor .* into a plain") as info:
+        plain.load_state_dict(ft.state_dict())
+    assert "dequantize()" in str(info.value) and len(str(info.value)) < 20_000
+    other = finetune(base, seed=7)
+    compress_(other, DeltaCoMeConfig(base=base, group_size=32, alpha=1 / 4, progress=False))
+    with pytest.raises(RuntimeError, match="same kind, shape and bands") as info:
+        other.load_state_dict(ft.state_dict())
+    assert len(str(info.value)) < 20_000
+    same = copy.deepcopy(ft)
+    same.load_state_dict(ft.state_dict())  # the same structure still copies
