@@ -355,3 +355,113 @@ def test_state_dict_into_plain_or_other_bands_is_short(pair):
     assert len(str(info.value)) < 20_000
     same = copy.deepcopy(ft)
     same.load_state_dict(ft.state_dict())  # the same structure still copies
+
+
+# --- the Hugging Face checkpoint --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoint(pair, tmp_path_factory):
+    from deltacome_ao.hf import save_pretrained
+
+    _, ft = pair
+    model = copy.deepcopy(ft)
+    path = tmp_path_factory.mktemp("hf") / "model"
+    save_pretrained(model, path)
+    return model, path
+
+
+def _copy_checkpoint(path, dest, edit_config=None, edit_tensors=None):
+    dest.mkdir()
+    for f in path.iterdir():
+        if f.suffix != ".safetensors":
+            (dest / f.name).write_bytes(f.read_bytes())
+    config = json.loads((dest / "config.json").read_text())
+    if edit_config:
+        edit_config(config["quantization_config"])
+    (dest / "config.json").write_text(json.dumps(config))
+    tensors = load_file(path / "model.safetensors")
+    if edit_tensors:
+        edit_tensors(tensors)
+    save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
+    return dest
+
+
+def test_hf_checkpoint_records_digests_and_guard(hf_checkpoint):
+    model, path = hf_checkpoint
+    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    stored = load_file(path / "model.safetensors")
+    inner = {k: v for k, v in stored.items() if ":" in k}
+    assert qc["format_version"] == 2 and set(qc["digests"]) == set(inner)
+    assert all(qc["digests"][k] == tensor_record(v)["sha256"] for k, v in inner.items())
+    assert qc["guard"] == "model.layers.0.self_attn.q_proj.weight"
+    assert stored[qc["guard"]].dtype == torch.uint8 and stored[qc["guard"]].dim() == 1
+
+
+def test_hf_corrupted_inner_tensor_is_named(hf_checkpoint, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from deltacome_ao.hf import verification
+
+    _, path = hf_checkpoint
+    key = "model.layers.1.mlp.gate_proj.weight:base_weight"
+
+    def flip(tensors):
+        raw(tensors[key])[5] ^= 0x01
+
+    bad = _copy_checkpoint(path, tmp_path / "bad", edit_tensors=flip)
+    with pytest.raises(DeltaFormatError, match=r"gate_proj\.weight:base_weight: the tensor does not match its recorded sha256"):
+        AutoModelForCausalLM.from_pretrained(bad)
+    with verification("none"):  # skipped explicitly
+        AutoModelForCausalLM.from_pretrained(bad)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("modules", "x", "field 'modules' must be an object"),
+    ("digests", {"a": "b"}, "field 'digests' must be an object"),
+    ("digests", None, "field 'digests' must list every stored inner tensor"),
+    ("guard", "lm_head.weight", "field 'guard'"),
+    ("format_version", "2", "field 'format_version' must be an integer"),
+])
+def test_hf_malformed_quantization_config(hf_checkpoint, tmp_path, field, value, message):
+    from transformers import AutoModelForCausalLM
+
+    _, path = hf_checkpoint
+    bad = _copy_checkpoint(path, tmp_path / "bad", edit_config=lambda qc: qc.__setitem__(field, value))
+    with pytest.raises(DeltaFormatError, match=message):
+        AutoModelForCausalLM.from_pretrained(bad)
+
+
+def test_hf_version_1_checkpoint_still_loads(hf_checkpoint, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, path = hf_checkpoint
+    guard = json.loads((path / "config.json").read_text())["quantization_config"]["guard"]
+
+    def downgrade(qc):
+        qc["format_version"] = 1
+        del qc["digests"], qc["guard"]
+
+    old = _copy_checkpoint(path, tmp_path / "v1", downgrade, lambda t: t.pop(guard))
+    with pytest.warns(IntegrityWarning, match="no tensor digests"):
+        loaded = AutoModelForCausalLM.from_pretrained(old)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids()).logits, model(ids()).logits)
+
+
+def test_hf_checkpoint_without_deltacome_ao_fails_loudly(hf_checkpoint):
+    """transformers alone skips the unknown quant_method: the guard tensor's size mismatch makes the
+    load fail instead of leaving the compressed layers at random init."""
+    import subprocess
+    import sys
+
+    _, path = hf_checkpoint
+    script = (
+        "import sys\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"AutoModelForCausalLM.from_pretrained({str(path)!r})\n"
+        "print('LOADED', 'deltacome_ao' in sys.modules)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd="/")
+    assert r.returncode != 0 and "LOADED" not in r.stdout, r.stdout + r.stderr[-2000:]
+    assert "ignore_mismatched_sizes" in r.stderr and "q_proj.weight" in r.stderr
