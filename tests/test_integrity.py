@@ -465,3 +465,45 @@ def test_hf_checkpoint_without_deltacome_ao_fails_loudly(hf_checkpoint):
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd="/")
     assert r.returncode != 0 and "LOADED" not in r.stdout, r.stdout + r.stderr[-2000:]
     assert "ignore_mismatched_sizes" in r.stderr and "q_proj.weight" in r.stderr
+
+
+# --- configuration, validated up front ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"alpha": "0.1"}, r"alpha must be in \(0, 1\] .* got '0\.1'"),
+    ({"alpha": True}, r"alpha must be in \(0, 1\]"),
+    ({"alpha": 10}, r"alpha must be in \(0, 1\]"),
+    ({"group_size": 32.0}, r"group_size must be an integer >= 2"),
+    ({"method": ["deltacome"]}, r"method must be a string"),
+    ({"svd": ["exact"]}, r"unknown svd"),
+    ({"method": "single", "single_bits": 2.0}, r"single_bits: unsupported bit-width 2\.0"),
+    ({"bands": 3}, r"bands must be a sequence of \(bits, count\) pairs"),
+    ({"bands": []}, r"bands: give at least one"),
+    ({"bands": [(8.0, 2)]}, r"bands: unsupported bit-width 8\.0"),
+    ({"bands": [(8, 2.5)]}, r"count of singular vectors must be an integer >= 1"),
+    ({"recipe": "llama"}, r"recipe must be a deltacome_ao\.recipes\.Recipe or None, got str"),
+    ({"progress": "no"}, r"progress must be True or False"),
+    ({"act_order": 1}, r"act_order must be True or False"),
+    ({"allocation": "optimal", "candidates": 8}, r"candidates 8: a sequence of 0 \(dropped\) and widths"),
+    ({"allocation": "optimal", "candidates": (0, 9)}, r"candidates \(0, 9\)"),
+    ({"calibration": "some text"}, r"calibration must be None or an iterable of input_ids"),
+    ({"calibration": []}, r"calibration= is empty"),
+    ({"calibration": [torch.randn(2, 8)]}, r"calibration\[0\]: expected input_ids .* got a \(2, 8\) torch\.float32 tensor"),
+    ({"calibration": [{"attention_mask": torch.ones(2, 8)}]}, r"calibration\[0\]: expected input_ids .* got NoneType"),
+    ({"calibration": torch.arange(8)}, r"calibration: a tensor must be batch x seq integer input_ids"),
+    ({"damp": -1}, r"damp must be a finite number >= 0"),
+])
+def test_config_types_and_ranges(pair, kwargs, match):
+    base, _ = pair
+    with pytest.raises(ValueError, match=match):
+        DeltaCoMeConfig(base=base, **kwargs)
+    with pytest.raises(ValueError, match=match):  # the same check without a base (the CLI's, before loading)
+        DeltaCoMeConfig.check_options(**kwargs)
+
+
+def test_check_options_accepts_defaults_and_refuses_unknown_names():
+    DeltaCoMeConfig.check_options()
+    DeltaCoMeConfig.check_options(alpha=1 / 32, method="bitdelta", group_size=64)
+    with pytest.raises(TypeError, match="unknown DeltaCoMeConfig option"):
+        DeltaCoMeConfig.check_options(alhpa=0.1)
