@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import struct
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,6 +34,8 @@ from deltacome_ao.format import (
 )
 from deltacome_ao.serving import MultiDeltaModel
 from tiny_models import finetune, ids, tiny
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -507,3 +511,144 @@ def test_check_options_accepts_defaults_and_refuses_unknown_names():
     DeltaCoMeConfig.check_options(alpha=1 / 32, method="bitdelta", group_size=64)
     with pytest.raises(TypeError, match="unknown DeltaCoMeConfig option"):
         DeltaCoMeConfig.check_options(alhpa=0.1)
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cli_dirs(pair, tmp_path_factory):
+    """A tiny base and fine-tune as save_pretrained directories, and the fine-tune's artifact."""
+    from click.testing import CliRunner
+
+    from deltacome_ao.cli import main
+
+    base, _ = pair
+    root = tmp_path_factory.mktemp("cli")
+    base.save_pretrained(root / "base")
+    finetune(base).save_pretrained(root / "ft")
+    result = CliRunner().invoke(main, ["compress", str(root / "base"), str(root / "ft"), str(root / "delta"),
+                                       "--group-size", "32", "--quiet"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def cli(*args):
+    from click.testing import CliRunner
+
+    from deltacome_ao.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def _one_error_line(result, code=1):
+    """Exit status 1, no traceback, one `Error:` message (a wrong base lists its differences below
+    it; a progress bar of loading the base may come before it)."""
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def _broken_copy(root, name, edit):
+    import shutil
+
+    dest = root / name
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(root / "delta", dest)
+    edit(dest)
+    return dest
+
+
+def test_cli_corrupt_truncated_or_incomplete_artifact(cli_dirs):
+    root = cli_dirs
+    ok = cli("inspect", root / "delta")
+    assert ok.exit_code == 0 and "stored tensors match their sha256" in ok.output
+
+    def flip(d):
+        data = bytearray((d / WEIGHTS_NAME).read_bytes())
+        data[-10] ^= 0xFF
+        (d / WEIGHTS_NAME).write_bytes(bytes(data))
+
+    line = _one_error_line(cli("inspect", _broken_copy(root, "flipped", flip)))
+    assert "bad delta artifact" in line and "does not match its recorded sha256" in line
+
+    def truncate(d):
+        (d / WEIGHTS_NAME).write_bytes((d / WEIGHTS_NAME).read_bytes()[:-100])
+
+    line = _one_error_line(cli("inspect", _broken_copy(root, "truncated", truncate)))
+    assert "not a readable safetensors file" in line
+
+    def no_fingerprint(d):
+        rewrite(d, lambda doc: doc.pop("base_fingerprint"))
+
+    bad = _broken_copy(root, "nofp", no_fingerprint)
+    for command in (["merge", root / "base", bad, root / "merged-nofp"], ["eval", root / "base", bad, "--text-file",
+                                                                          root / "base" / "config.json"]):
+        result = cli(*command)
+        line = _one_error_line(result)
+        assert "field 'base_fingerprint' must be an object" in line and not (root / "merged-nofp").exists()
+        assert "Loading weights" not in result.output  # the artifact is checked before the base is loaded
+
+
+def test_cli_refuses_a_zero_delta(cli_dirs, tmp_path):
+    root = cli_dirs
+    same = cli("compress", root / "base", root / "base", tmp_path / "zero")
+    assert same.exit_code == 2 and "same directory" in same.output and not (tmp_path / "zero").exists()
+    import shutil
+
+    shutil.copytree(root / "base", tmp_path / "copy")
+    for extra in ([], ["--stream"]):
+        line = _one_error_line(cli("compress", root / "base", tmp_path / "copy", tmp_path / "zero", "--quiet", *extra))
+        assert "no delta to store" in line and not (tmp_path / "zero").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]  # no staging directory left
+
+
+def test_cli_options_are_checked_before_loading(cli_dirs, tmp_path, monkeypatch):
+    import deltacome_ao.cli as cli_module
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the options were checked")
+
+    monkeypatch.setattr(cli_module, "_load", no_load)
+    root = cli_dirs
+    for option, value, message in [("--alpha", 0, r"alpha must be in \(0, 1\]"), ("--alpha", 10, "alpha must be in"),
+                                   ("--group-size", 1, "group_size must be an integer >= 2")]:
+        result = cli("compress", root / "base", root / "ft", tmp_path / "x", option, value)
+        assert result.exit_code == 2 and f"Invalid value for {option}" in result.output, result.output
+        assert re.search(message, result.output) and "Traceback" not in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_merge_permissions_and_overwrite(cli_dirs, tmp_path):
+    import os
+
+    root = cli_dirs
+    out = tmp_path / "merged"
+    assert cli("merge", root / "base", root / "delta", out).exit_code == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()} == {f.name: 0o666 & ~umask for f in out.iterdir()}
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    # a failing merge (another base) leaves the old output as it was, even with --overwrite
+    line = _one_error_line(cli("merge", root / "ft", root / "delta", out, "--overwrite"))
+    assert "wrong base" in line
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    assert cli("merge", root / "base", root / "delta", out, "--overwrite").exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_cli_quiet_and_no_library_noise(cli_dirs, tmp_path):
+    import subprocess
+    import sys
+
+    root = cli_dirs
+    result = cli("compress", root / "base", root / "ft", tmp_path / "q", "--group-size", "32", "--quiet")
+    assert result.exit_code == 0
+    assert "Loading weights" not in result.output and "Writing" not in result.output and "%|" not in result.output
+    assert result.output.strip().startswith("wrote")
+    r = subprocess.run([sys.executable, "-m", "deltacome_ao.cli", "inspect", str(root / "delta")], capture_output=True,
+                       text=True, timeout=300, cwd=str(REPO))
+    assert r.returncode == 0, r.stderr
+    assert "Failed to load" not in r.stderr and "Enum subclass" not in r.stderr and "deprecated" not in r.stderr, r.stderr
