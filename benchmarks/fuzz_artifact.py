@@ -340,6 +340,7 @@ def run(seeds=(0, 1), count: int = 600, workdir=None, verify: str = "full", prog
     from deltacome_ao import load_delta
     from deltacome_ao.format import CONFIG_NAME, WEIGHTS_NAME
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     own = workdir is None
     root = Path(tempfile.mkdtemp(prefix="fuzz-artifact-")) if own else Path(workdir)
@@ -385,6 +386,7 @@ def run(seeds=(0, 1), count: int = 600, workdir=None, verify: str = "full", prog
                 "by_kind": {k: dict(v) for k, v in by_kind.items()}, "error_types": dict(error_types.most_common()),
                 "examples": dict(examples)}
     finally:
+        torch.set_num_threads(threads)
         if own:
             shutil.rmtree(root, ignore_errors=True)
 
