@@ -652,3 +652,15 @@ def test_cli_quiet_and_no_library_noise(cli_dirs, tmp_path):
                        text=True, timeout=300, cwd=str(REPO))
     assert r.returncode == 0, r.stderr
     assert "Failed to load" not in r.stderr and "Enum subclass" not in r.stderr and "deprecated" not in r.stderr, r.stderr
+
+
+def test_corrupt_base_directory_is_a_clear_error(pair, tmp_path):
+    base, ft = pair
+    base.save_pretrained(tmp_path / "base")
+    f = tmp_path / "base" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-10])
+    with pytest.raises(ValueError, match=r"model\.safetensors: not a readable safetensors file"):
+        DeltaCoMeConfig(base=str(tmp_path / "base"))
+    with pytest.raises(ValueError, match=r"model\.safetensors: not a readable safetensors file"):
+        save_delta(ft, tmp_path / "delta", base=str(tmp_path / "base"))
+    assert not (tmp_path / "delta").exists()
