@@ -2,6 +2,7 @@
 
     python benchmarks/fuzz_artifact.py                       # 2 seeds x 600 mutations, table + JSON
     python benchmarks/fuzz_artifact.py --seeds 0 1 2 3 --count 2000 --json out.json
+    python benchmarks/fuzz_artifact.py --quick                # 100 mutations (CPU check mode)
 
 A tiny Llama (tied embeddings, so the artifact has an alias) is compressed and saved once; each
 mutation is applied to a fresh copy of the two files, then `load_delta(copy of base, dir)` runs
@@ -370,6 +371,7 @@ def run(seeds=(0, 1), count: int = 600, workdir=None, verify: str = "full", prog
                 (work / WEIGHTS_NAME).write_bytes(new_tensors)
                 (work / CONFIG_NAME).write_bytes(new_config)
                 outcome, modified, detail = classify(base, reference, work, errors, verify)
+                detail = detail.replace(str(root), "<workdir>")
                 counts[outcome] += 1
                 by_kind[kind][outcome] += 1
                 base_modified += modified
@@ -405,7 +407,12 @@ def main(argv=None):
     parser.add_argument("--count", type=int, default=600, help="mutations per seed")
     parser.add_argument("--verify", choices=["full", "sample", "none"], default="full")
     parser.add_argument("--json", type=Path, help="write the full result (counts, per kind, examples) here")
+    parser.add_argument("--quick", action="store_true",
+                        help="CPU check mode: seed 0, 100 mutations, JSON to $TMPDIR/deltacome-benchmarks/fuzz-artifact.json")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.count = [0], 100
+        args.json = args.json or Path(tempfile.gettempdir()) / "deltacome-benchmarks" / "fuzz-artifact.json"
     start = time.perf_counter()
     result = run(args.seeds, args.count, verify=args.verify, progress=True)
     result["seconds"] = round(time.perf_counter() - start, 1)
