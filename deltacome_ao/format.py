@@ -6,6 +6,12 @@ Shared by the delta artifact (`artifact.py`), streaming compression and the Hugg
 layer spec (`DeltaTensor.spec()`: tensor class name, shape, dtype, delta bytes and the class's
 attributes). The tensor class is looked up by name in the method registry (`methods.tensor_kinds`),
 so a new kind is readable as soon as its method is registered.
+
+Integrity (format version 2, docs/integrity.md): the artifact's `delta_config.json` records the
+dtype, shape and sha256 of every stored tensor (`integrity`) and the sha256 of its own canonical
+JSON (`document_sha256`); `check_document` validates every field, `TensorFile` reads safetensors so
+that any failure is a `DeltaFormatError` naming the file and tensor, and `check_tensor` compares a
+tensor with its record. Version 1 (no digests) is still read, with an `IntegrityWarning`.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any, Mapping, Optional
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .checkpoint import few
 from .delta_tensor import DTYPE_NAMES, DeltaSpecError, DeltaTensor, dtype_name, parse_dtype
 from .fingerprint import fingerprint_problem, full_hash, is_sha256
 from .methods import tensor_kind
@@ -240,9 +247,8 @@ def document_text(document: Any) -> str:
     return fmt(document, "") + "\n"
 
 
-def _few(items, k: int = 4) -> str:
-    items = [str(i) for i in items]
-    return (", ".join(items[:k]) + (f", ... (+{len(items) - k})" if len(items) > k else "")) or "none"
+def _few(items) -> str:
+    return few(items) or "none"
 
 
 # --- reading safetensors defensively ---------------------------------------------------------------------
