@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .checkpoint import BaseWeights, few, unaliased, write_dir_atomic
@@ -41,13 +40,18 @@ from .fingerprint import (
 )
 from .format import (
     CONFIG_NAME,
+    DOCUMENT_DIGEST,
     FORMAT,
     FORMAT_VERSION,
     SEP,
     WEIGHTS_NAME,
     DeltaFormatError,
+    TensorFile,
     assemble,
     check_spec,
+    check_tensor,
+    document_digest,
+    document_text,
     flatten_state_dict,
     inner_layout,
     layer_spec,
@@ -56,6 +60,8 @@ from .format import (
     read_delta_config,
     shell,
     stored_names,
+    tensor_record,
+    verify_artifact,
     weight_key,
 )
 from .version import __version__
@@ -68,6 +74,7 @@ __all__ = [
     "get_tensor",
     "set_tensor",
     "read_delta_config",
+    "verify_artifact",
     "DeltaCoMeModel",
     "BaseMismatchError",
     "DeltaFormatError",
@@ -190,8 +197,11 @@ class DeltaArtifact:
     metadata: Optional[Mapping[str, Any]] = None
 
     def document(self) -> dict:
-        """The `delta_config.json` content."""
-        return {
+        """The `delta_config.json` content: the fields below, the dtype, shape and sha256 of every
+        stored tensor (`integrity`), and last the sha256 of all of it (`document_sha256`). Raises
+        TypeError if the metadata is not JSON-able."""
+        tensors = {**self.tensors, **self.kept}
+        document = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "library": "deltacome_ao",
@@ -206,7 +216,12 @@ class DeltaArtifact:
             "base_fingerprint": self.fingerprint,
             "model_config": self.model_config,
             "user": dict(self.metadata) if self.metadata is not None else None,
+            "integrity": {"tensors": {name: tensor_record(t) for name, t in sorted(tensors.items())}},
         }
+        # the digest is over what a reader parses (JSON turns tuples into lists, keys into strings)
+        document = json.loads(json.dumps(document, allow_nan=True))
+        document[DOCUMENT_DIGEST] = document_digest(document)
+        return document
 
     def write(self, out: str | os.PathLike, overwrite: bool = False) -> dict:
         """Write the artifact directory atomically; returns the document. ValueError if a kept
@@ -217,7 +232,7 @@ class DeltaArtifact:
             raise ValueError(f"tensor names may not contain {SEP!r}: {few(clash)}")
         tensors = {**self.tensors, **{k: v.detach().contiguous() for k, v in self.kept.items()}}
         document = self.document()
-        text = json.dumps(document, indent=2, sort_keys=False) + "\n"
+        text = document_text(document)
 
         def fill(tmp: Path):
             (tmp / CONFIG_NAME).write_text(text)
@@ -274,76 +289,118 @@ def set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
 def load_delta(base_model: torch.nn.Module, delta_dir: str | os.PathLike, verify: str = "full") -> torch.nn.Module:
     """Put the delta in `delta_dir` onto `base_model` (in place) and return it.
 
-    verify: "full" hashes every byte of the base tensors the delta depends on, "sample" a fixed
-    1 MiB per tensor (fast for large bases; see docs/artifact.md), "none" only checks names, shapes
-    and dtypes. A mismatch raises `BaseMismatchError` naming what differs; a malformed artifact
-    `DeltaFormatError`. Every check happens before anything changes: a failed load leaves the base
-    as it was. The compressed layers wrap the base module's own weight (no copy when the dtypes agree).
+    verify: how much is hashed. "full": every byte of the base tensors the delta depends on (against
+    the fingerprint) and every stored tensor of the artifact (against its recorded sha256), plus the
+    document's own digest; "sample": the base by a fixed 1 MiB per tensor (fast for large bases; see
+    docs/artifact.md), the artifact fully; "none": no hashing at all (names, shapes, dtypes and every
+    field's type are still checked). A wrong base raises `BaseMismatchError` naming what differs; a
+    malformed or corrupted artifact `DeltaFormatError` naming the file, field or tensor.
+
+    Every check (format, digests, base, every tensor's shape and dtype, aliases, devices) happens
+    before anything changes: a failed load leaves the base as it was. The compressed layers wrap
+    the base module's own weight (never a copy) and take the base's dtype; a kept tensor stored in
+    another floating dtype than the base's is cast to it (with one warning).
     """
     if verify not in VERIFY_LEVELS:
         raise ValueError(f"verify must be one of {VERIFY_LEVELS}, got {verify!r}")
     path = Path(delta_dir)
-    document = read_delta_config(path)
+    document = read_delta_config(path, verify=verify)
     layers: dict[str, dict] = document["layers"]
-    kept: list[str] = document.get("kept", [])
-    aliases: dict[str, str] = document.get("aliases", {})
+    aliases: dict[str, str] = document["aliases"]
+    records = document["integrity"]["tensors"] if document["format_version"] >= 2 and verify != "none" else None
 
-    with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
-        stored = set(f.keys())
-        expected = stored_names(layers, with_base=False) | set(kept)
-        if stored != expected:
-            raise DeltaFormatError(
-                f"{path / WEIGHTS_NAME}: tensors missing {few(sorted(expected - stored))}, "
-                f"unexpected {few(sorted(stored - expected))}"
-            )
-        already = sorted(compressed_layers(base_model))
-        if already:
-            raise ValueError(
-                f"the base model already holds compressed weights ({few(already)}); load the delta onto a plain base"
-            )
-        base_state, _ = unaliased(base_model.state_dict(keep_vars=False).items())
-        model_type = getattr(getattr(base_model, "config", None), "model_type", None)
-        check_base(document["base_fingerprint"], base_state, model_type, verify, what=str(path))
-        new = _build(base_model, f, layers, kept)
-        for alias, target in aliases.items():
-            if get_tensor(base_model, alias) is None:
-                raise BaseMismatchError(f"{alias}: stored in the delta but the base model has no such tensor")
-            if target not in new and get_tensor(base_model, target) is None:
-                raise DeltaFormatError(f"{path / CONFIG_NAME}: alias {alias!r} names {target!r}, which is no tensor")
+    already = sorted(compressed_layers(base_model))
+    if already:
+        raise ValueError(
+            f"the base model already holds compressed weights ({few(already)}); load the delta onto a plain base"
+        )
+    full_state = base_model.state_dict(keep_vars=False)
+    on_meta = [k for k, v in full_state.items() if v.device.type == "meta"]
+    if on_meta:
+        raise BaseMismatchError(
+            f"the base model has {len(on_meta)} tensor(s) on the meta device ({few(on_meta)}): they hold no data; "
+            f"load the base's weights first (e.g. from_pretrained without device 'meta')"
+        )
+    base_state, _ = unaliased(full_state.items())
+    model_type = getattr(getattr(base_model, "config", None), "model_type", None)
+    check_base(document["base_fingerprint"], base_state, model_type, verify, what=str(path))
+    with TensorFile(path / WEIGHTS_NAME) as f:
+        new, cast = _build(base_model, f, layers, document["kept"], records)
+    for alias, target in aliases.items():
+        current = get_tensor(base_model, alias)
+        if current is None:
+            raise BaseMismatchError(f"{alias}: tied in the delta but the base model has no such tensor")
+        value = new[target] if target in new else get_tensor(base_model, target)
+        if value is None:
+            raise DeltaFormatError(f"{path / CONFIG_NAME}: field 'aliases' ties {alias!r} to {target!r}, which is no "
+                                   f"tensor of the delta or the base")
+        if tuple(value.shape) != tuple(current.shape):
+            raise BaseMismatchError(f"{alias}: tied in the delta to {target!r} of shape {tuple(value.shape)}, but the "
+                                    f"base model's {alias} has shape {tuple(current.shape)}")
 
-    # swap in: nothing can fail any more short of a programming error
+    # swap in: every value is built and checked; nothing below can fail short of a programming error
     for name, value in new.items():
         set_tensor(base_model, name, value)
     for alias, target in aliases.items():
         set_tensor(base_model, alias, get_tensor(base_model, target))
+    if cast:
+        warnings.warn(
+            f"{path} stores {len(cast)} tensor(s) in another dtype than the base's ({few(cast)}); they were cast to "
+            f"the base's dtype (the fine-tune and the base had different dtypes when it was compressed)",
+            stacklevel=2,
+        )
     _warn_config_differences(base_model, document.get("model_config"))
     return base_model
 
 
-def _build(base_model, f, layers: Mapping[str, dict], kept) -> dict[str, torch.Tensor]:
-    """Every new tensor of a load, built before the model changes ({tensor name: value})."""
+def _build(base_model, f: TensorFile, layers: Mapping[str, dict], kept, records) -> tuple[dict, list]:
+    """Every new tensor of a load, built and checked before the model changes: ({tensor name:
+    value}, names cast to the base's dtype). `records`: {stored name: tensor_record} to check the
+    bytes against (None: not checked)."""
+
+    def read(name: str) -> torch.Tensor:
+        t = f.get_tensor(name)
+        if records is not None:
+            check_tensor(name, t, records[name], f.path)
+        return t
+
     new: dict[str, torch.Tensor] = {}
+    cast: list[str] = []
     for name, spec in layers.items():
         key = weight_key(name)
         try:
             module = base_model.get_submodule(name)
         except AttributeError:
             raise BaseMismatchError(f"{name}: the base model has no such module") from None
-        w = getattr(module, "weight", None)
+        w = get_tensor(base_model, key)
         if isinstance(w, DeltaTensor):
             raise ValueError(f"{name}: the base model already holds a compressed weight; load the delta onto a plain base")
-        if not isinstance(w, torch.Tensor) or list(w.shape) != spec["shape"]:
+        if w is None or not isinstance(getattr(module, "weight", None), torch.Tensor) or list(w.shape) != spec["shape"]:
             raise BaseMismatchError(f"{name}: weight {None if w is None else tuple(w.shape)}, the delta needs {tuple(spec['shape'])}")
+        if not w.is_floating_point():
+            raise BaseMismatchError(f"{name}: the base weight is {w.dtype}, a compressed layer needs a floating-point one")
         cls = check_spec(spec, name)
-        inner = {n: f.get_tensor(f"{key}{SEP}{n}").to(w.device) for n in cls.tensor_data_names[1:]}
+        inner = {n: read(f"{key}{SEP}{n}") for n in cls.tensor_data_names[1:]}
+        inner = {n: t.to(w.device) for n, t in inner.items()}
         inner["base_weight"] = w.detach()
-        new[key] = torch.nn.Parameter(assemble(spec, inner, where=name), requires_grad=False)
+        if w.dtype != parse_dtype(spec["dtype"]):
+            cast.append(key)
+        new[key] = torch.nn.Parameter(assemble(spec, inner, where=name, dtype=w.dtype), requires_grad=False)
     for name in kept:
         current = get_tensor(base_model, name)
         if current is None:
             raise BaseMismatchError(f"{name}: stored in the delta but the base model has no such tensor")
-        new[name] = f.get_tensor(name).to(current.device)
-    return new
+        t = read(name)
+        if tuple(t.shape) != tuple(current.shape):
+            raise BaseMismatchError(f"{name}: the delta stores a {tuple(t.shape)} tensor, the base model's is "
+                                    f"{tuple(current.shape)}")
+        if t.dtype != current.dtype:
+            if not (t.is_floating_point() and current.is_floating_point()):
+                raise BaseMismatchError(f"{name}: the delta stores {dtype_name(t.dtype)}, the base model holds "
+                                        f"{dtype_name(current.dtype)}")
+            cast.append(name)
+        new[name] = t.to(device=current.device, dtype=current.dtype)
+    return new, cast
 
 
 def _warn_config_differences(model: torch.nn.Module, stored: Optional[dict]):
@@ -372,7 +429,7 @@ class DeltaCoMeModel:
             if kwargs:
                 raise TypeError(f"loading options {sorted(kwargs)} only apply when the base is given as a path")
             return load_delta(base_model_or_path, delta_dir, verify=verify)
-        document = read_delta_config(delta_dir)
+        document = read_delta_config(delta_dir, verify=verify)
         from transformers import AutoModelForCausalLM
 
         if "dtype" not in kwargs:

@@ -12,6 +12,7 @@ directories atomically.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,9 +22,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-__all__ = ["INDEX_NAME", "safetensors_files", "BaseWeights", "CheckpointMismatchError", "check_pair", "few",
+__all__ = ["INDEX_NAME", "safetensors_files", "open_safetensors", "BaseWeights", "CheckpointMismatchError", "check_pair", "few",
            "alias_key", "unaliased",
            "write_dir_atomic", "write_text_atomic", "fsync_dir"]
 
@@ -38,6 +39,37 @@ def few(items: Iterable, k: int = 4) -> str:
     """The first `k` items for an error message, and how many more there are."""
     items = [str(i) for i in items]
     return ", ".join(items[:k]) + (f", ... (+{len(items) - k})" if len(items) > k else "")
+
+
+@contextlib.contextmanager
+def open_safetensors(path: Path):
+    """`safe_open(path)` whose failures (a truncated or corrupt file, an unreadable tensor) are a
+    ValueError naming the file, not safetensors' own exception type."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            yield _Checked(handle, path)
+    except SafetensorError as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path}: not a readable safetensors file ({reason})") from None
+
+
+class _Checked:
+    """A safetensors handle whose reads raise ValueError naming the file and tensor."""
+
+    def __init__(self, handle, path):
+        self._handle, self._path = handle, path
+
+    def __getattr__(self, name):
+        method = getattr(self._handle, name)
+
+        def call(*args):
+            try:
+                return method(*args)
+            except SafetensorError as e:
+                what = f"tensor {args[0]!r}" if args else name
+                raise ValueError(f"{self._path}: {what} cannot be read ({e})") from None
+
+        return call
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
@@ -92,7 +124,7 @@ class BaseWeights:
             if not self.files:
                 raise FileNotFoundError(f"{role} {path} holds no *.safetensors file; give a save_pretrained directory")
             for f in self.files:
-                with safe_open(str(f), framework="pt") as handle:
+                with open_safetensors(f) as handle:
                     for key in handle.keys():
                         self._files[key] = f
             config_file = path / "config.json"
@@ -121,7 +153,7 @@ class BaseWeights:
             return self._tensors[name]
         if name not in self._files:
             raise KeyError(name)
-        with safe_open(str(self._files[name]), framework="pt") as handle:
+        with open_safetensors(self._files[name]) as handle:
             return handle.get_tensor(name)
 
     def aliases(self) -> dict[str, str]:
@@ -132,7 +164,7 @@ class BaseWeights:
     def shape(self, name: str) -> tuple[int, ...]:
         if name in self._tensors:
             return tuple(self._tensors[name].shape)
-        with safe_open(str(self._files[name]), framework="pt") as handle:
+        with open_safetensors(self._files[name]) as handle:
             return tuple(handle.get_slice(name).get_shape())
 
 

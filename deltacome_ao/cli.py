@@ -13,10 +13,14 @@ a traceback. See docs/cli.md.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import logging
 import os
 import shutil
+import uuid
+import warnings
 from functools import wraps
 from pathlib import Path
 from typing import Optional
@@ -33,7 +37,8 @@ _USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueErr
 
 
 def _user_errors(fn):
-    """Turn the library's user-facing exceptions into a one-line `Error:` and exit status 1."""
+    """Turn the library's user-facing exceptions (and a file safetensors cannot read) into one
+    `Error:` message and exit status 1, never a traceback."""
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
@@ -41,15 +46,79 @@ def _user_errors(fn):
             return fn(*args, **kwargs)
         except click.ClickException:
             raise
-        except _USER_ERRORS as e:
+        except Exception as e:
+            from safetensors import SafetensorError
+
+            from .checkpoint import CheckpointMismatchError
             from .fingerprint import BaseMismatchError
             from .format import DeltaFormatError
 
-            kind = {BaseMismatchError: "wrong base", DeltaFormatError: "bad delta artifact"}.get(type(e))
+            if not isinstance(e, _USER_ERRORS + (SafetensorError,)):
+                raise
+            kind = {BaseMismatchError: "wrong base", DeltaFormatError: "bad delta artifact",
+                    CheckpointMismatchError: "base and fine-tune do not match",
+                    SafetensorError: "unreadable safetensors file"}.get(type(e))
             message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
             raise click.ClickException(f"{kind}: {message}" if kind else str(message)) from None
 
     return wrapper
+
+
+class _DropNoise(logging.Filter):
+    """Library-internal log lines a command line user can do nothing about: torchao's optional
+    CUDA extensions failing to load (`Failed to load ....so`) and torch's deprecation notices for
+    torchao's pytree registrations."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not (text.startswith("Failed to load") and ".so" in text) and "is deprecated" not in text \
+            and "is an Enum subclass" not in text
+
+
+def _quiet_libraries() -> None:
+    """Before torch / torchao / transformers are imported: drop their noise (not our warnings)."""
+    for name in ("torchao", "torch.utils._pytree"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise())
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(torch|torchao|transformers|triton)(\.|$)")
+
+
+@contextlib.contextmanager
+def _quiet_transformers(quiet: bool):
+    """--quiet: no transformers progress bars (loading / writing shards) and no load reports, for
+    the duration of the command."""
+    if not quiet:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+_OPTION_NAMES = {"alpha": "--alpha", "group_size": "--group-size", "method": "--method", "allocation": "--allocation"}
+
+
+def _check_options(**options) -> None:
+    """The config's own validation of the compress options, before any model is loaded: a bad value
+    is a usage error naming the option (exit status 2)."""
+    from .config import DeltaCoMeConfig
+
+    try:
+        DeltaCoMeConfig.check_options(**options)
+    except ValueError as e:
+        text = str(e)
+        field = next((f for f in options if text.startswith(f)), None)
+        raise click.BadParameter(text, param_hint=_OPTION_NAMES.get(field, "option")) from None
 
 
 class MethodName(click.ParamType):
@@ -192,6 +261,7 @@ def _summary(document: dict, delta_dir: Optional[Path] = None) -> str:
 def main():
     """Delta-CoMe delta compression of fine-tuned LLMs (one base + a small delta per fine-tune)."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    _quiet_libraries()
 
 
 @main.command()
@@ -202,7 +272,7 @@ def main():
 @click.option("--method", type=MethodName(), default="deltacome", show_default=True)
 @click.option("--allocation", type=click.Choice(["paper", "optimal"]), default="paper", show_default=True,
               help="paper: 8/3/2-bit schedule; optimal: per-vector widths minimising the measured error")
-@click.option("--group-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--group-size", type=int, default=128, show_default=True, help="values per scale and zero-point (>= 2)")
 @click.option("--calib", type=click.IntRange(min=0), default=0, show_default=True,
               help="GPTQ calibration on N random windows of --calib-file (0: data-free RTN)")
 @click.option("--calib-file", type=_file,
@@ -219,20 +289,39 @@ def main():
 def compress(base, finetuned, out, alpha, method, allocation, group_size, calib, calib_file, calib_len, seed, dtype,
              overwrite, stream, quiet):
     """Compress FINETUNED against BASE and write the delta artifact OUT."""
-    from .artifact import read_delta_config
-
     if out.exists() and not overwrite:
         raise click.ClickException(f"{out} exists; pass --overwrite to replace it")
+    if base.resolve() == finetuned.resolve():
+        raise click.UsageError("BASE and FINETUNED are the same directory: there is no delta to compress")
+    _check_options(alpha=alpha, method=method, allocation=allocation, group_size=group_size)
+    with _quiet_transformers(quiet):
+        _compress(base, finetuned, out, alpha, method, allocation, group_size, calib, calib_file, calib_len, seed,
+                  dtype, overwrite, stream, quiet)
+
+
+def _compress(base, finetuned, out, alpha, method, allocation, group_size, calib, calib_file, calib_len, seed, dtype,
+              overwrite, stream, quiet):
+    from .artifact import read_delta_config
+
     if stream:
         if calib or calib_file is not None:
             raise click.UsageError("--stream is data-free: --calib needs the whole model (drop --stream)")
         if dtype != "auto":
             raise click.UsageError("--stream reads the tensors in their saved dtype: drop --dtype")
+        from .checkpoint import write_dir_atomic
         from .streaming import compress_streaming
 
-        compress_streaming(base, finetuned, out, alpha=alpha, method=method, allocation=allocation,
-                           group_size=group_size, overwrite=overwrite, progress=not quiet,
-                           metadata={"base": str(base), "finetuned": str(finetuned), "calibration_windows": 0})
+        # into a staging directory first: a zero delta must not replace (or become) OUT
+        stage = out.parent / f".{out.name}.stream-{uuid.uuid4().hex[:12]}"
+        try:
+            compress_streaming(base, finetuned, stage, alpha=alpha, method=method, allocation=allocation,
+                               group_size=group_size, progress=not quiet,
+                               metadata={"base": str(base), "finetuned": str(finetuned), "calibration_windows": 0})
+            document = read_delta_config(stage)
+            _refuse_zero_delta(document, base, finetuned)
+            write_dir_atomic(out, lambda tmp: [os.replace(f, tmp / f.name) for f in stage.iterdir()], overwrite)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
         _report_written(read_delta_config(out), out, quiet)
         return
 
@@ -241,6 +330,7 @@ def compress(base, finetuned, out, alpha, method, allocation, group_size, calib,
     from .artifact import save_delta
     from .compress import compress_
     from .config import DeltaCoMeConfig
+    from .fingerprint import same
 
     if calib_file is not None and not calib:
         raise click.UsageError("--calib-file is used only with --calib N (N > 0)")
@@ -248,6 +338,9 @@ def compress(base, finetuned, out, alpha, method, allocation, group_size, calib,
         click.echo(f"loading {base} and {finetuned}", err=True)
     base_model = _load(base, dtype)
     model = _load(finetuned, dtype)
+    base_state, ft_state = base_model.state_dict(), model.state_dict()
+    if base_state.keys() == ft_state.keys() and all(same(ft_state[k], v) for k, v in base_state.items()):
+        raise click.ClickException(f"{finetuned} holds exactly the weights of {base}: there is no delta to store")
     calibration = None
     source = None
     if calib:
@@ -271,11 +364,18 @@ def compress(base, finetuned, out, alpha, method, allocation, group_size, calib,
     _report_written(read_delta_config(out), out, quiet)
 
 
+def _refuse_zero_delta(document: dict, base: Path, finetuned: Path) -> None:
+    nbytes = document.get("bytes", {})
+    if not nbytes.get("compressed", 0) and not nbytes.get("kept", 0):
+        raise click.ClickException(f"{finetuned} holds exactly the weights of {base}: there is no delta to store")
+
+
 def _report_written(document: dict, out: Path, quiet: bool):
     if not quiet:
         click.echo(_summary(document, out))
     else:
-        click.echo(f"wrote {out}: {document['bytes']['compressed'] + document['bytes']['kept']:,} bytes of tensors")
+        nbytes = document.get("bytes", {})
+        click.echo(f"wrote {out}: {nbytes.get('compressed', 0) + nbytes.get('kept', 0):,} bytes of tensors")
 
 
 @main.command()
@@ -285,16 +385,22 @@ def _report_written(document: dict, out: Path, quiet: bool):
 @click.option("--json", "as_json", is_flag=True, help="print delta_config.json's layers as JSON instead of a table")
 @_user_errors
 def inspect(delta, png, base, as_json):
-    """Per-layer bands, bits and bytes of the delta artifact DELTA."""
-    from .artifact import read_delta_config
+    """Per-layer bands, bits and bytes of the delta artifact DELTA (every stored tensor checked
+    against its recorded sha256 first)."""
+    from .format import IntegrityWarning, verify_artifact
 
-    document = read_delta_config(delta)
     if base is not None and png is None:
         raise click.UsageError("--base only adds the spectra to the --png figure; give --png PATH too")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", IntegrityWarning)  # said in the summary instead
+        document = verify_artifact(delta)
     if as_json:
         click.echo(json.dumps({k: document.get(k) for k in ("method", "alpha", "group_size", "allocation", "bytes", "layers")}, indent=2))
     else:
         click.echo(_summary(document, delta))
+        records = (document.get("integrity") or {}).get("tensors")
+        click.echo(f"integrity: {len(records)} stored tensors match their sha256" if records else
+                   f"integrity: unchecked (format version {document['format_version']} records no digests)")
     if png is not None:
         spectra = _spectra(base, delta) if base is not None else None
         _plot(document, png, spectra, title=str(delta))
@@ -383,7 +489,7 @@ def eval_(base, delta, pair, text_file, finetuned, problems, seq_len, verify):
     """Put DELTA on BASE and measure it (a shipped pair, or perplexity on a text file)."""
     import torch
 
-    from .artifact import DeltaCoMeModel
+    from .artifact import DeltaCoMeModel, read_delta_config
     from .compress import delta_report
 
     if pair is None and text_file is None:
@@ -394,6 +500,7 @@ def eval_(base, delta, pair, text_file, finetuned, problems, seq_len, verify):
         pair = name
     if pair is not None and text_file is not None:
         raise click.UsageError("--pair and --text-file exclude each other")
+    read_delta_config(delta, verify=verify)  # a malformed artifact is reported before any model is loaded
     base_model = _load(base)
     model = DeltaCoMeModel.from_pretrained(copy.deepcopy(base_model), delta, verify=verify)
     report = delta_report(model)
@@ -448,7 +555,8 @@ def merge(base, delta, out, dtype, overwrite):
     import torch
     from tqdm.auto import tqdm
 
-    from .artifact import DeltaCoMeModel
+    from .artifact import DeltaCoMeModel, read_delta_config
+    from .checkpoint import write_dir_atomic
     from .compress import compressed_layers
 
     if out.exists():
@@ -456,6 +564,7 @@ def merge(base, delta, out, dtype, overwrite):
             raise click.ClickException(f"{out} exists; pass --overwrite to replace it")
         if not (out / "config.json").is_file():
             raise click.ClickException(f"{out} is not a model directory; refusing to replace it")
+    read_delta_config(delta)  # a malformed artifact is reported before any model is loaded
     model = DeltaCoMeModel.from_pretrained(_load(base), delta)
     layers = compressed_layers(model)
     with torch.no_grad():
@@ -464,12 +573,15 @@ def merge(base, delta, out, dtype, overwrite):
             module.weight = torch.nn.Parameter(w.dequantize(), requires_grad=False)
     if dtype != "auto":
         model = model.to(_torch_dtype(dtype))
-    if out.exists():
-        shutil.rmtree(out)
-    model.save_pretrained(str(out))
-    for f in list(base.glob("tokenizer*")) + [base / "special_tokens_map.json"]:
-        if f.is_file():
-            shutil.copy2(f, out / f.name)
+
+    def fill(tmp: Path):
+        model.save_pretrained(str(tmp))
+        for f in list(base.glob("tokenizer*")) + [base / "special_tokens_map.json"]:
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+
+    # the old OUT is replaced only once the new one is complete; files get the usual (umask) permissions
+    write_dir_atomic(out, fill, overwrite)
     click.echo(f"wrote {out}: {len(layers)} layers dequantized, "
                f"{sum(p.numel() for p in model.parameters()):,} parameters")
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torchao.core.config import AOBaseConfig
@@ -77,20 +77,56 @@ class DeltaCoMeConfig(AOBaseConfig):
     def __post_init__(self):
         if self.base is None:
             raise ValueError("DeltaCoMeConfig needs base=: the base model, its state dict or a safetensors directory")
+        self.validate_options()
+        if not isinstance(self.base, BaseWeights):
+            self.base = BaseWeights(self.base)
+
+    @classmethod
+    def check_options(cls, **options) -> None:
+        """Validate options as `DeltaCoMeConfig(base=..., **options)` would, without a base (the
+        command line checks its options before loading any model). ValueError / TypeError."""
+        names = {f.name for f in fields(cls)} - {"base"}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise TypeError(f"unknown DeltaCoMeConfig option(s) {unknown}")
+        probe = object.__new__(cls)
+        for f in fields(cls):
+            if f.name != "base":
+                setattr(probe, f.name, options.get(f.name, f.default))
+        probe.validate_options()
+
+    def validate_options(self) -> None:
+        """Check every field but `base` (ValueError naming the field and its valid range); the
+        command line runs this before loading any model."""
+        if not isinstance(self.method, str):
+            raise ValueError(f"method must be a string, one of {method_names()}; got {self.method!r}")
         method = get_method(self.method)
         if not _is_number(self.alpha) or not (0 < self.alpha <= 1):
             raise ValueError(f"alpha must be in (0, 1] (delta bytes / fp16 bytes; 1/16 = 1 bit per parameter), "
                              f"got {self.alpha!r}")
         if not _is_int(self.group_size) or self.group_size < 2:
             raise ValueError(f"group_size must be an integer >= 2 (values per scale and zero-point), got {self.group_size!r}")
-        if self.svd not in SVD_METHODS:
+        if not isinstance(self.svd, str) or self.svd not in SVD_METHODS:
             raise ValueError(f"unknown svd {self.svd!r}; choose from {SVD_METHODS}")
-        if self.single_bits not in SUPPORTED_BITS:
+        if not _is_int(self.single_bits) or self.single_bits not in SUPPORTED_BITS:
             raise ValueError(f"single_bits: unsupported bit-width {self.single_bits!r}; choose from {SUPPORTED_BITS}")
         if self.bands is not None:
+            if isinstance(self.bands, (str, bytes)) or not hasattr(self.bands, "__iter__"):
+                raise ValueError(f"bands must be a sequence of (bits, count) pairs, got {self.bands!r}")
             self.bands = tuple(self._band(b) for b in self.bands)
-        if self.allocation not in ALLOCATIONS:
+            if not self.bands:
+                raise ValueError("bands: give at least one (bits, count) pair, or bands=None for the budget's schedule")
+        if self.recipe is not None and not isinstance(self.recipe, Recipe):
+            raise ValueError(f"recipe must be a deltacome_ao.recipes.Recipe or None, got {type(self.recipe).__name__}")
+        for flag in ("progress", "act_order", "target_correction"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+        if not isinstance(self.allocation, str) or self.allocation not in ALLOCATIONS:
             raise ValueError(f"unknown allocation {self.allocation!r}; choose from {ALLOCATIONS}")
+        if (isinstance(self.candidates, (str, bytes)) or not hasattr(self.candidates, "__iter__")
+                or not all(_is_int(b) and (b == 0 or b in SUPPORTED_BITS) for b in self.candidates)):
+            raise ValueError(f"candidates {self.candidates!r}: a sequence of 0 (dropped) and widths from {SUPPORTED_BITS}")
+        self.candidates = tuple(self.candidates)
         if self.allocation not in method.allocations:
             raise ValueError(f"allocation={self.allocation!r} needs a method that chooses widths itself "
                              f"(one of {[m for m in method_names() if self.allocation in get_method(m).allocations]}), "
@@ -102,10 +138,29 @@ class DeltaCoMeConfig(AOBaseConfig):
             raise ValueError(f"calibration (GPTQ) applies to methods that quantize singular vectors, not to method={self.method!r}")
         if not _is_number(self.damp) or not (0 <= self.damp < math.inf):
             raise ValueError(f"damp must be a finite number >= 0, got {self.damp!r}")
-        if self.calibration is not None and not isinstance(self.calibration, (list, tuple, torch.Tensor)):
-            self.calibration = list(self.calibration)  # an iterator would be used up by the first run
-        if not isinstance(self.base, BaseWeights):
-            self.base = BaseWeights(self.base)
+        if self.calibration is not None:
+            self._check_calibration()
+
+    def _check_calibration(self) -> None:
+        samples = self.calibration
+        if isinstance(samples, torch.Tensor):
+            if samples.dim() != 2 or samples.dtype not in (torch.int32, torch.int64):
+                raise ValueError(f"calibration: a tensor must be batch x seq integer input_ids, got a "
+                                 f"{tuple(samples.shape)} {samples.dtype} tensor")
+            return
+        if isinstance(samples, (str, bytes, Mapping)) or not hasattr(samples, "__iter__"):
+            raise ValueError(f"calibration must be None or an iterable of input_ids tensors (or dicts of model inputs), "
+                             f"got {type(samples).__name__}")
+        if not isinstance(samples, (list, tuple)):
+            self.calibration = samples = list(samples)  # an iterator would be used up by the first run
+        if not samples:
+            raise ValueError("calibration= is empty; pass a list of input_ids tensors (or None for data-free RTN)")
+        for i, sample in enumerate(samples):
+            ids = sample.get("input_ids") if isinstance(sample, Mapping) else sample
+            if not (isinstance(ids, torch.Tensor) and ids.dim() in (1, 2) and ids.dtype in (torch.int32, torch.int64)):
+                what = f"a {tuple(ids.shape)} {ids.dtype} tensor" if isinstance(ids, torch.Tensor) else type(ids).__name__
+                raise ValueError(f"calibration[{i}]: expected input_ids (a 1-D or batch x seq integer tensor, or a dict "
+                                 f"with one), got {what}")
 
     @staticmethod
     def _band(band) -> tuple[int, int]:
@@ -113,7 +168,7 @@ class DeltaCoMeConfig(AOBaseConfig):
             bits, count = band
         except (TypeError, ValueError):
             raise ValueError(f"bands: each band is (bits, count), got {band!r}") from None
-        if bits not in SUPPORTED_BITS:
+        if not _is_int(bits) or bits not in SUPPORTED_BITS:
             raise ValueError(f"bands: unsupported bit-width {bits!r}; choose from {SUPPORTED_BITS}")
         if not _is_int(count) or count < 1:
             raise ValueError(f"bands: the count of singular vectors must be an integer >= 1, got {count!r}")

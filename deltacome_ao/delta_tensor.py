@@ -25,12 +25,13 @@ the base weight only: codes and scales keep theirs).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Optional
 
 import torch
 from torchao.utils import TorchAOBaseTensor
 
-__all__ = ["DeltaTensor", "DeltaSpecError", "dtype_name", "parse_dtype", "is_plain"]
+__all__ = ["DeltaTensor", "DeltaSpecError", "DTYPE_NAMES", "dtype_name", "parse_dtype", "is_plain"]
 
 aten = torch.ops.aten
 
@@ -39,6 +40,7 @@ _DTYPES = {
     for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
               torch.int16, torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2)
 }
+DTYPE_NAMES = tuple(_DTYPES)  # the dtype names the stored formats may use
 
 
 class DeltaSpecError(ValueError):
@@ -159,7 +161,10 @@ class DeltaTensor(TorchAOBaseTensor):
         if missing:
             raise DeltaSpecError(f"{where}: {cls.__name__} spec lacks {missing}")
         attributes = {a: tuple(spec[a]) if isinstance(spec[a], list) else spec[a] for a in cls.tensor_attribute_names}
-        problem = cls.check_attributes(attributes)
+        try:
+            problem = cls.check_attributes(attributes)
+        except (TypeError, ValueError, KeyError, IndexError, OverflowError) as e:
+            problem = f"bad attributes {attributes} ({type(e).__name__}: {e})"
         if problem:
             raise DeltaSpecError(f"{where}: {problem}")
         return attributes
@@ -171,13 +176,19 @@ class DeltaTensor(TorchAOBaseTensor):
         shape = spec.get("shape")
         if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(d) and d > 0 for d in shape)):
             raise DeltaSpecError(f"{where}: bad shape {shape!r}")
-        parse_dtype(spec.get("dtype"), f"{where}: ")
+        dtype = parse_dtype(spec.get("dtype"), f"{where}: ")
+        if not dtype.is_floating_point:
+            raise DeltaSpecError(f"{where}: dtype {spec.get('dtype')!r}: a compressed weight has a floating-point dtype")
         if not (_is_int(spec.get("delta_bytes", 0)) and spec.get("delta_bytes", 0) >= 0):
             raise DeltaSpecError(f"{where}: bad delta_bytes {spec.get('delta_bytes')!r}")
         try:
-            cls.delta_layout(tuple(shape), attributes)
-        except (ValueError, TypeError, OverflowError) as e:
+            layout = cls.delta_layout(tuple(shape), attributes)
+            nbytes = sum(math.prod(s) * torch.empty((), dtype=dt).element_size() for s, dt in layout.values())
+        except (ValueError, TypeError, OverflowError, KeyError, IndexError) as e:
             raise DeltaSpecError(f"{where}: {e}") from None
+        if "delta_bytes" in spec and spec["delta_bytes"] != nbytes:
+            raise DeltaSpecError(f"{where}: delta_bytes {spec['delta_bytes']} does not match the structure it describes "
+                                 f"({nbytes} bytes)")
 
     @classmethod
     def inner_layout(cls, spec: Mapping, dtype: Optional[torch.dtype] = None) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -224,12 +235,37 @@ class DeltaTensor(TorchAOBaseTensor):
             inner.append(t.contiguous())
         return cls(*inner, *cls.attributes_from_spec(spec).values())
 
+    def same_structure(self, other: Any) -> bool:
+        """`other` is a compressed weight of this kind with the same shape, attributes and inner
+        tensor shapes and dtypes (what `copy_` between two weights needs)."""
+        return (type(other) is type(self) and tuple(other.shape) == tuple(self.shape) and other.attributes == self.attributes
+                and all(getattr(other, n).shape == getattr(self, n).shape and getattr(other, n).dtype == getattr(self, n).dtype
+                        for n in self.tensor_data_names))
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        table = cls._ATEN_OP_TABLE.get(cls, {})
+        if func in table:
+            return table[func](func, types, args, kwargs or {})
+        raise NotImplementedError(unsupported_op_message(cls.__name__, func))
+
     def linear(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """`x Wᵀ + b`: the base matmul in the input dtype plus the fp32 delta term, rounded once."""
         y = torch.nn.functional.linear(x, self.base_weight if not is_plain(self.base_weight)
                                        else self.base_weight.to(x.dtype))
         y = (y.float() + self.delta_term(x)).to(x.dtype)
         return y if bias is None else y + bias
+
+
+def unsupported_op_message(kind: str, op: Any) -> str:
+    """The one error for an operation a compressed weight does not implement."""
+    return (
+        f"{kind} (a compressed delta weight) does not support {op}. Compressed weights support F.linear, "
+        f".t(), .to(device / dtype), detach / clone, copy_ from a compressed weight of the same structure and "
+        f"empty_like (model.to_empty); for anything else use weight.dequantize() (the dense W_base + delta) or "
+        f"model.dequantize(). To quantize the base under the deltas use deltacome_ao.optimum.quantize_base_(model, "
+        f"config), not torchao's quantize_ on the compressed model."
+    )
 
 
 implements = DeltaTensor.implements
@@ -252,3 +288,38 @@ def _(func, types, args, kwargs):
     base = w.base_weight.to(device=device, dtype=dtype if dtype is not None and dtype.is_floating_point else None)
     moved = [t.to(device) for t in w.delta_tensors().values()]
     return type(w)(base, *moved, *w.attributes.values())
+
+
+@implements(aten.empty_like.default)
+def _(func, types, args, kwargs):
+    """An uninitialised weight of the same structure (what `model.to_empty(device=...)` builds); a
+    dtype applies to the base weight only, as for `.to`."""
+    w = args[0]
+    device, dtype = kwargs.get("device") or w.device, kwargs.get("dtype")
+    base = torch.empty_like(w.base_weight, device=device,
+                            dtype=dtype if dtype is not None and dtype.is_floating_point else None)
+    return type(w)(base, *(torch.empty_like(t, device=device) for t in w.delta_tensors().values()),
+                   *w.attributes.values())
+
+
+@implements(aten.copy_.default)
+def _(func, types, args, kwargs):
+    """Copy every inner tensor from a compressed weight of the same structure; anything else is a
+    short ValueError (e.g. `plain_model.load_state_dict(compressed.state_dict())`)."""
+    dst, src = args[0], args[1]
+    if isinstance(dst, DeltaTensor) and dst.same_structure(src):
+        for name in dst.tensor_data_names:
+            getattr(dst, name).copy_(getattr(src, name))
+        return dst
+
+    def describe(t):
+        if isinstance(t, DeltaTensor):
+            return f"a compressed {type(t).__name__} {tuple(t.shape)} {t.attributes}"
+        return f"a plain {tuple(t.shape)} {dtype_name(t.dtype)} tensor" if isinstance(t, torch.Tensor) else repr(t)[:80]
+
+    if not isinstance(dst, DeltaTensor):
+        hint = ("copy its dequantize() instead (for a state dict: {k: v.dequantize() if isinstance(v, DeltaTensor) "
+                "else v ...}), or load it into a model compressed with the same structure")
+    else:
+        hint = "a compressed weight can only be copied from one of the same kind, shape and bands"
+    raise ValueError(f"copy_: cannot copy {describe(src)} into {describe(dst)}; {hint}")

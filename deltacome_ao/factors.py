@@ -111,8 +111,10 @@ class PackedFactors:
         """Why these bands cannot describe packed factors (None if they can)."""
         if not (isinstance(bits, (list, tuple)) and isinstance(counts, (list, tuple)) and len(bits) == len(counts)):
             return "bits and counts must be lists of the same length"
-        if any(b not in SUPPORTED_BITS for b in bits) or any(not isinstance(c, int) or isinstance(c, bool) or c < 1
-                                                              for c in counts):
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if any(not is_int(b) or b not in SUPPORTED_BITS for b in bits) or any(not is_int(c) or c < 1 for c in counts):
             return f"bad bands {list(zip(bits, counts))} (bit-widths from {SUPPORTED_BITS}, counts >= 1)"
         if not (isinstance(group_size, int) and not isinstance(group_size, bool) and group_size >= 1):
             return f"bad group_size {group_size!r}"

@@ -15,10 +15,11 @@ from typing import Mapping, Optional
 import torch
 
 from .checkpoint import few
-from .delta_tensor import dtype_name
+from .delta_tensor import DTYPE_NAMES, dtype_name
 
 __all__ = ["SAMPLE_CHUNK", "SAMPLE_CHUNKS", "VERIFY_LEVELS", "BaseMismatchError", "raw_bytes", "same", "full_hash",
-           "sample_hash", "tensor_entry", "fingerprint", "compare_base", "check_base"]
+           "sample_hash", "tensor_entry", "fingerprint", "fingerprint_problem", "is_sha256", "compare_base",
+           "check_base"]
 
 SAMPLE_CHUNK = 4096  # bytes per sampled chunk of the fast ("sample") content hash
 SAMPLE_CHUNKS = 256
@@ -77,6 +78,43 @@ def fingerprint(entries: Mapping[str, dict], model_type: Optional[str], complete
         "digest": _digest(entries),
         "tensors": dict(entries),
     }
+
+
+def is_sha256(value) -> bool:
+    """A sha256 hex digest (64 lowercase hex digits)."""
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _is_shape(value) -> bool:
+    return isinstance(value, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value)
+
+
+def fingerprint_problem(fp) -> Optional[str]:
+    """Why `fp` is not a well-formed fingerprint document (None if it is): every field's type, every
+    tensor entry (shape: list of ints, dtype: a known name, sha256 / sample_sha256: hex digests) and
+    the `digest` over the entries. The readers raise it as their format error, naming the file."""
+    if not isinstance(fp, Mapping):
+        return f"must be an object, got {type(fp).__name__}"
+    tensors = fp.get("tensors")
+    if not isinstance(tensors, Mapping):
+        return f"'tensors' must be an object {{name: {{shape, dtype, sha256, sample_sha256}}}}, got {type(tensors).__name__}"
+    for name, e in tensors.items():
+        if not isinstance(e, Mapping):
+            return f"tensors[{name!r}] must be an object, got {type(e).__name__}"
+        if not _is_shape(e.get("shape")):
+            return f"tensors[{name!r}].shape must be a list of non-negative integers, got {e.get('shape')!r}"
+        if e.get("dtype") not in DTYPE_NAMES:
+            return f"tensors[{name!r}].dtype {e.get('dtype')!r} is not a known dtype ({', '.join(DTYPE_NAMES)})"
+        for field in ("sha256", "sample_sha256"):
+            if not is_sha256(e.get(field)):
+                return f"tensors[{name!r}].{field} must be a sha256 hex digest, got {e.get(field)!r}"
+    if not isinstance(fp.get("complete", False), bool):
+        return f"'complete' must be true or false, got {fp.get('complete')!r}"
+    if fp.get("model_type") is not None and not isinstance(fp.get("model_type"), str):
+        return f"'model_type' must be a string or null, got {fp.get('model_type')!r}"
+    if "digest" in fp and fp["digest"] != _digest(tensors):
+        return "'digest' does not match its tensor entries (the fingerprint was changed or corrupted)"
+    return None
 
 
 def compare_base(fp: Mapping, tensors: Mapping[str, torch.Tensor], model_type: Optional[str], verify: str) -> list[str]:

@@ -24,12 +24,14 @@ at random init.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import re
 import warnings
 from typing import Any, Optional
 
 import torch
-from safetensors import safe_open
-from transformers.core_model_loading import ConversionOps
+from transformers.core_model_loading import ConversionOps, WeightConverter
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
@@ -43,23 +45,50 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .compress import compressed_layers
 from .config import DeltaCoMeConfig
 from .delta_tensor import DeltaTensor
+from .fingerprint import VERIFY_LEVELS, full_hash, is_sha256
 from .format import (
     FORMAT_VERSION,
     SEP,
     DeltaFormatError,
+    IntegrityWarning,
+    TensorFile,
     assemble,
     check_spec,
     flatten_state_dict,
     method_fields,
     shell,
     stored_names,
+    weight_key,
 )
 from .methods import tensor_kinds
 from .version import __version__
 
-__all__ = ["QUANT_METHOD", "DeltaCoMeHfConfig", "DeltaCoMeHfQuantizer", "enable_save_pretrained", "save_pretrained"]
+__all__ = ["QUANT_METHOD", "DeltaCoMeHfConfig", "DeltaCoMeHfQuantizer", "enable_save_pretrained", "save_pretrained",
+           "verification", "GUARD_TEXT"]
 
 QUANT_METHOD = "deltacome"
+# Stored (uint8, 1-D) under the first compressed layer's `<module>.weight`: transformers without
+# deltacome_ao skips the unknown quant_method and would load the compressed layers at random init;
+# this tensor's shape differs from that weight's, which stock transformers refuses (size mismatch).
+GUARD_TEXT = "deltacome_ao checkpoint: `import deltacome_ao.hf` before from_pretrained (pip install deltacome-ao)"
+_VERIFY = contextvars.ContextVar("deltacome_hf_verify", default="full")
+
+
+@contextlib.contextmanager
+def verification(verify: str):
+    """`with verification("none"): AutoModelForCausalLM.from_pretrained(dir)` loads without checking
+    the compressed layers' tensors against their recorded sha256 ("full", the default, checks them)."""
+    if verify not in VERIFY_LEVELS:
+        raise ValueError(f"verify must be one of {VERIFY_LEVELS}, got {verify!r}")
+    token = _VERIFY.set(verify)
+    try:
+        yield
+    finally:
+        _VERIFY.reset(token)
+
+
+def _guard_tensor() -> torch.Tensor:
+    return torch.tensor(list(GUARD_TEXT.encode()), dtype=torch.uint8)
 
 
 class DeltaCoMeHfConfig(QuantizationConfigMixin):
@@ -79,14 +108,30 @@ class DeltaCoMeHfConfig(QuantizationConfigMixin):
         group_size: Optional[int] = None,
         allocation: Optional[str] = None,
         calibrated: Optional[bool] = None,
+        digests: Optional[dict] = None,
+        guard: Optional[str] = None,
         **kwargs,
     ):
         self.quant_method = QUANT_METHOD
-        if not isinstance(format_version, int) or format_version > FORMAT_VERSION:
+        if not isinstance(format_version, int) or isinstance(format_version, bool) or format_version < 1:
+            raise DeltaFormatError(f"quantization_config: field 'format_version' must be an integer >= 1, got {format_version!r}")
+        if format_version > FORMAT_VERSION:
             raise DeltaFormatError(
                 f"quantization_config format_version {format_version!r}; this deltacome_ao reads versions up to "
                 f"{FORMAT_VERSION} (upgrade it)"
             )
+        if modules is not None and not isinstance(modules, dict):
+            raise DeltaFormatError(f"quantization_config: field 'modules' must be an object {{module: layer spec}}, "
+                                   f"got {type(modules).__name__}")
+        for name, spec in (modules or {}).items():
+            if not isinstance(spec, dict):
+                raise DeltaFormatError(f"quantization_config: modules[{name!r}] must be an object, got {type(spec).__name__}")
+        if digests is not None and not (isinstance(digests, dict) and all(
+                isinstance(k, str) and is_sha256(v) for k, v in digests.items())):
+            raise DeltaFormatError("quantization_config: field 'digests' must be an object {stored tensor name: sha256 hex}")
+        if guard is not None and not isinstance(guard, str):
+            raise DeltaFormatError(f"quantization_config: field 'guard' must be a tensor name, got {guard!r}")
+        self.digests, self.guard = digests, guard
         self.format_version = format_version
         if library_version is None:
             library_version = __version__
@@ -95,7 +140,7 @@ class DeltaCoMeHfConfig(QuantizationConfigMixin):
         self.allocation, self.calibrated = allocation, calibrated
         self.modules = {name: dict(spec) for name, spec in (modules or {}).items()}
         for name, spec in self.modules.items():
-            check_spec(spec, name)
+            check_spec(spec, f"quantization_config: modules[{name!r}]")
         unknown = set(kwargs) - {"quant_method"}
         if unknown:  # written by a newer release of the same format version: informational only
             warnings.warn(f"quantization_config: ignoring unknown fields {sorted(unknown)}", stacklevel=2)
@@ -118,6 +163,8 @@ class DeltaCoMeHfConfig(QuantizationConfigMixin):
             "allocation": self.allocation,
             "calibrated": self.calibrated,
             "modules": {name: dict(spec) for name, spec in self.modules.items()},
+            "guard": self.guard,
+            "digests": None if self.digests is None else dict(self.digests),
         }
 
 
@@ -132,26 +179,38 @@ class DeltaCoMeDeserialize(ConversionOps):
         return type(self)(self.hf_quantizer)
 
     def convert(self, input_dict, source_patterns=None, model=None, full_layer_name=None, **kwargs):
+        """Check and assemble one layer. A problem (a tensor whose bytes do not match its recorded
+        sha256, a wrong shape) is recorded and raised as `DeltaFormatError` once loading is over
+        (transformers would turn an exception raised here into a generic conversion error)."""
+        quantizer = self.hf_quantizer
         module_name = full_layer_name.rpartition(".")[0]
-        spec = self.hf_quantizer.quantization_config.modules.get(module_name)
+        spec = quantizer.quantization_config.modules.get(module_name)
         if spec is None:
             raise DeltaFormatError(
                 f"{full_layer_name}: the checkpoint holds compressed-weight tensors for it but "
                 f"quantization_config lists no module {module_name!r}"
             )
-        tensors = {}
-        for key, values in input_dict.items():
-            values = values if isinstance(values, list) else [values]
-            if len(values) != 1:
-                raise DeltaFormatError(f"{full_layer_name}: {len(values)} tensors for {key}")
-            tensors[key.split(SEP, 1)[1]] = values[0]
         module, _ = get_module_from_name(model, full_layer_name)
         target = module.weight  # the shell: its dtype is the one the model is loaded in
-        weight = assemble(spec, tensors, where=module_name, dtype=target.dtype)
         module._is_hf_initialized = True
-        self.hf_quantizer.loaded.add(module_name)
-        param = torch.nn.Parameter(weight, requires_grad=False)
-        return {full_layer_name: param}
+        quantizer.loaded.add(module_name)
+        try:
+            tensors = {}
+            for key, values in input_dict.items():
+                values = values if isinstance(values, list) else [values]
+                if len(values) != 1:
+                    raise DeltaFormatError(f"{full_layer_name}: {len(values)} tensors for {key}")
+                if SEP not in key:  # the guard tensor stored under this weight's own name
+                    quantizer.check_guard(full_layer_name, values[0])
+                    continue
+                inner = key.split(SEP, 1)[1]
+                quantizer.check_digest(f"{full_layer_name}{SEP}{inner}", values[0])
+                tensors[inner] = values[0]
+            weight = assemble(spec, tensors, where=module_name, dtype=target.dtype)
+        except DeltaFormatError as e:
+            quantizer.failures.append(str(e))
+            weight = shell(spec, device="cpu" if target.device.type == "meta" else target.device, dtype=target.dtype)
+        return {full_layer_name: torch.nn.Parameter(weight, requires_grad=False)}
 
 
 class DeltaCoMeHfQuantizer(HfQuantizer):
@@ -168,6 +227,31 @@ class DeltaCoMeHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: DeltaCoMeHfConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
         self.loaded: set[str] = set()
+        self.failures: list[str] = []
+        self.verify = "full"
+
+    def get_weight_conversions(self):
+        """transformers' converter for the `weight:<inner>` names, which also collects the guard
+        tensor (stored under the guard layer's own `<module>.weight`)."""
+        conversions = super().get_weight_conversions()
+        guard = self.quantization_config.guard
+        if guard and conversions:
+            module = guard[: -len(".weight")]
+            pattern = f"(?<=^{re.escape(module)}\\.)weight$"
+            c = conversions[0]
+            conversions[0] = WeightConverter(list(c.source_patterns) + [pattern], c.target_patterns, list(c.operations))
+        return conversions
+
+    def check_digest(self, key: str, t: torch.Tensor) -> None:
+        digests = self.quantization_config.digests
+        if self.verify != "none" and digests is not None and full_hash(t) != digests.get(key):
+            raise DeltaFormatError(f"{key}: the tensor does not match its recorded sha256 (the checkpoint is corrupted "
+                                   f"or was changed)")
+
+    def check_guard(self, key: str, t: torch.Tensor) -> None:
+        if key != self.quantization_config.guard or t.dtype != torch.uint8 or t.dim() != 1:
+            raise DeltaFormatError(f"{key}: expected the checkpoint's guard tensor (uint8, 1-D) here, got "
+                                   f"{t.dtype} {tuple(t.shape)}")
 
     def validate_environment(self, *args, **kwargs):
         device_map = kwargs.get("device_map")
@@ -189,20 +273,43 @@ class DeltaCoMeHfQuantizer(HfQuantizer):
                     f"{type(module).__name__} with weight {shape}"
                 )
             module.weight = torch.nn.Parameter(shell(spec, device=w.device, dtype=w.dtype), requires_grad=False)
+        self._check_integrity_fields()
         if checkpoint_files:
             self._check_checkpoint(checkpoint_files)
-        self.loaded = set()
+        self.loaded, self.failures, self.verify = set(), [], _VERIFY.get()
+
+    def _check_integrity_fields(self):
+        """Version 2: `digests` covers every stored inner tensor and `guard` names a listed layer's
+        weight; version 1 (neither): loads with an `IntegrityWarning`."""
+        config = self.quantization_config
+        if config.format_version < 2:
+            warnings.warn("a format version 1 deltacome checkpoint has no tensor digests, so its integrity is not "
+                          "checked; re-save it with this deltacome_ao to add them", IntegrityWarning, stacklevel=2)
+            return
+        expected = stored_names(config.modules, with_base=True)
+        if config.digests is None or set(config.digests) != expected:
+            have = set(config.digests or {})
+            raise DeltaFormatError(f"quantization_config: field 'digests' must list every stored inner tensor: missing "
+                                   f"{sorted(expected - have)[:4]}, unexpected {sorted(have - expected)[:4]}")
+        if config.modules and config.guard not in {weight_key(n) for n in config.modules}:
+            raise DeltaFormatError(f"quantization_config: field 'guard' {config.guard!r} is not a listed layer's weight")
 
     def _check_checkpoint(self, checkpoint_files):
-        """Every inner tensor of every listed layer is in the checkpoint, and no other such tensor."""
-        keys = set()
+        """Every inner tensor of every listed layer is in the checkpoint (and the guard tensor), and no
+        other such tensor; every file is a readable safetensors file."""
+        keys, names = set(), set()
         for path in checkpoint_files:
             if not str(path).endswith(".safetensors"):
                 raise DeltaFormatError(f"{path}: deltacome checkpoints are safetensors files only")
-            with safe_open(str(path), framework="pt") as f:
-                keys.update(k for k in f.keys() if SEP in k)
+            with TensorFile(path) as f:
+                stored = f.keys()
+            names.update(stored)
+            keys.update(k for k in stored if SEP in k)
         expected = stored_names(self.quantization_config.modules, with_base=True)
         missing, extra = sorted(expected - keys), sorted(keys - expected)
+        guard = self.quantization_config.guard
+        if guard and guard not in names:
+            missing.append(guard)
         if missing or extra:
             raise DeltaFormatError(
                 f"the checkpoint does not match its quantization_config: missing {missing[:4]}"
@@ -210,6 +317,9 @@ class DeltaCoMeHfQuantizer(HfQuantizer):
             )
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        if self.failures:
+            raise DeltaFormatError(f"{len(self.failures)} compressed layer(s) could not be loaded: "
+                                   + "; ".join(self.failures[:4]) + (" ..." if len(self.failures) > 4 else ""))
         left = sorted(set(self.quantization_config.modules) - self.loaded)
         if left:
             raise RuntimeError(f"compressed layers not loaded from the checkpoint (would be uninitialised): {left[:4]}")
@@ -239,8 +349,14 @@ class DeltaCoMeHfQuantizer(HfQuantizer):
         layers = compressed_layers(model)
         config = self.quantization_config
         config.modules = {name: w.spec() for name, w in layers.items()}  # config.json is written after this
+        state = flatten_state_dict(model.state_dict())
+        config.digests = {k: full_hash(v) for k, v in state.items() if SEP in k}  # every inner tensor
+        config.guard = weight_key(next(iter(layers))) if layers else None
+        if config.guard is not None:
+            state[config.guard] = _guard_tensor()
+        config.format_version = FORMAT_VERSION
         model.config.quantization_config = config
-        return flatten_state_dict(model.state_dict()), {"deltacome_format_version": str(FORMAT_VERSION)}
+        return state, {"deltacome_format_version": str(FORMAT_VERSION)}
 
     def is_serializable(self) -> bool:
         return True

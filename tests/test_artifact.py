@@ -99,7 +99,7 @@ def test_round_trip_is_bit_exact(pair, tmp_path):
     assert model.model.layers[0].self_attn.q_proj.weight.base_weight.data_ptr() == base_q.data_ptr()
 
     doc = json.loads((out / "delta_config.json").read_text())
-    assert doc["format"] == "deltacome-delta" and doc["format_version"] == 1
+    assert doc["format"] == "deltacome-delta" and doc["format_version"] == 2
     assert (doc["method"], doc["alpha"], doc["group_size"], doc["user"]) == ("deltacome", 1 / 16, 32, {"task": "unit"})
     assert sorted(doc["layers"]) == LAYER_NAMES
     spec = doc["layers"]["model.layers.0.mlp.up_proj"]

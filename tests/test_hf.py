@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from deltacome_ao import BitDeltaTensor, DeltaCoMeConfig, MixedPrecisionDeltaTensor
 from deltacome_ao.artifact import DeltaFormatError
-from deltacome_ao.hf import DeltaCoMeHfConfig, enable_save_pretrained, save_pretrained
+from deltacome_ao.hf import DeltaCoMeHfConfig, enable_save_pretrained, save_pretrained, verification
 from tiny_models import LAYER_NAMES, finetune, ids, tiny
 
 COMPRESSED = (MixedPrecisionDeltaTensor, BitDeltaTensor)
@@ -177,7 +177,9 @@ def test_checkpoint_with_a_wrong_shape(saved, tmp_path):
     _, path = saved
     key = "model.layers.0.self_attn.k_proj.weight:u_zero"
     bad = _rewrite(path, tmp_path, lambda t: t.update({key: t[key][:-1].clone()}))
-    with pytest.raises(RuntimeError, match="CONVERSION"):
+    with pytest.raises(DeltaFormatError, match=r"k_proj\.weight:u_zero: the tensor does not match its recorded sha256"):
+        AutoModelForCausalLM.from_pretrained(bad)
+    with verification("none"), pytest.raises(DeltaFormatError, match=r"k_proj: u_zero is \(2, 1\) uint8, the layer's structure"):
         AutoModelForCausalLM.from_pretrained(bad)
 
 

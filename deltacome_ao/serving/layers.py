@@ -189,7 +189,7 @@ class MultiDeltaLinear(MultiDeltaLayer):
             want = tuple(self.weight.shape) if leaf == "weight" else (self.out_features,)
             if leaf not in ("weight", "bias") or tuple(value.shape) != want:
                 raise ValueError(f"{name}: replacement {leaf} {tuple(value.shape)}, layer {leaf} {want}")
-            dense[leaf] = value.detach().to(self.weight.device)
+            dense[leaf] = value.detach().to(self.weight.device, self.weight.dtype)
         return DeltaEntry(name, delta, factors, cache, dense or None)
 
     def forward(self, x: torch.Tensor, delta_ids=None) -> torch.Tensor:
@@ -256,7 +256,7 @@ class MultiDeltaEmbedding(MultiDeltaLayer):
         if "weight" in dense:
             if dense["weight"].shape != self.weight.shape:
                 raise ValueError(f"{name}: replacement table {tuple(dense['weight'].shape)}, embedding {tuple(self.weight.shape)}")
-            dense["weight"] = dense["weight"].detach().to(self.weight.device)
+            dense["weight"] = dense["weight"].detach().to(self.weight.device, self.weight.dtype)
         return DeltaEntry(name, dense=dense or None)
 
     def forward(self, input_ids: torch.Tensor, delta_ids=None) -> torch.Tensor:

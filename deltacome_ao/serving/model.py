@@ -98,7 +98,8 @@ class MultiDeltaModel(torch.nn.Module):
         with self._lock:
             if name in self._ids:
                 raise ValueError(f"a delta named {name!r} is already loaded; unload it first")
-        document = read_delta_config(delta_dir)
+        document = read_delta_config(delta_dir, verify=verify)
+        # load_delta checks everything (format, digests, base, shapes) and harmonises dtypes to the base's
         loaded = load_delta(_structural_copy(self._skeleton), delta_dir, verify=verify)
         layers, dense = self._plan(loaded, document)
         with self._lock:
