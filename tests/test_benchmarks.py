@@ -142,6 +142,14 @@ def check_target_correction(tmp, stdout):
     assert finite(*rows[0]["accuracy"], *rows[0]["kl"]) and all(0 <= a <= 1 for a in rows[0]["accuracy"])
 
 
+def check_fuzz_artifact(tmp, stdout):
+    doc = load(tmp, "fuzz-artifact.json")
+    assert doc["total"] == 100 and doc["seeds"] == [0] and doc["verify"] == "full"
+    counts = doc["counts"]
+    assert counts["silent_different"] == counts["forward_error"] == counts["other_error"] == 0, counts
+    assert doc["base_modified"] == 0 and counts["clear_error"] > 0, doc
+
+
 # script, arguments, extra environment (None: remove the variable), check
 CASES = {
     "compressed_base": ("compressed_base.py", ["--quick"], {}, check_compressed_base),
@@ -150,6 +158,7 @@ CASES = {
                     check_kernels_aot),
     "lm_eval_check": ("lm_eval_check.py", ["--quick"], {}, check_lm_eval_check),
     # pure arithmetic, ~1 s: no separate quick mode, only the output moved
+    "fuzz_artifact": ("fuzz_artifact.py", ["--quick"], {}, check_fuzz_artifact),
     "memory_table": ("memory_table.py", ["--out", "{tmp}/" + OUT + "/memory-table.json"], {}, check_memory_table),
     "quality": ("quality.py", ["--smoke"], {}, check_quality),
     "serve_demo": ("serve_demo.py", ["--quick"], {}, check_serve_demo),
