@@ -1,13 +1,16 @@
 """deltacome_ao: one base model + a small compressed delta per fine-tune, on torchao.
 
-Importing the package is cheap: the public names below load their modules (torch, torchao,
-transformers) on first use. `import deltacome_ao.hf` (or using any public name) registers the
-`quant_method="deltacome"` loader with transformers.
+`import deltacome_ao` is cheap when torch is not loaded yet (the `deltacome` command, tools that only
+need the version): the public names load their modules on first use. When torch is already imported,
+the import loads the library at once, so that what 0.1 users relied on holds: the transformers loader
+for `quant_method="deltacome"` is registered and the tensor classes are allowed by
+`torch.load(weights_only=True)`. `import deltacome_ao.hf` (or using any public name) does the same.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 
 from .version import __version__ as __version__
 
@@ -54,6 +57,10 @@ def __getattr__(name: str):
     value = getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)
     globals()[name] = value
     return value
+
+
+if "torch" in sys.modules:  # the session already pays for torch: register everything now
+    _load_core()
 
 
 def __dir__():

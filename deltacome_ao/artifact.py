@@ -59,7 +59,6 @@ from .format import (
     model_config,
     read_delta_config,
     shell,
-    stored_names,
     tensor_record,
     verify_artifact,
     weight_key,

@@ -105,7 +105,8 @@ def _quiet_transformers(quiet: bool):
             hf_logging.enable_progress_bar()
 
 
-_OPTION_NAMES = {"alpha": "--alpha", "group_size": "--group-size", "method": "--method", "allocation": "--allocation"}
+_OPTION_NAMES = {"alpha": "--alpha", "group_size": "--group-size", "method": "--method", "allocation": "--allocation",
+                 "method_options": "--method-option"}
 
 
 def _check_options(**options) -> None:
@@ -117,7 +118,7 @@ def _check_options(**options) -> None:
         DeltaCoMeConfig.check_options(**options)
     except ValueError as e:
         text = str(e)
-        field = next((f for f in options if text.startswith(f)), None)
+        field = next((f for f in sorted(options, key=len, reverse=True) if text.startswith(f)), None)
         raise click.BadParameter(text, param_hint=_OPTION_NAMES.get(field, "option")) from None
 
 
@@ -228,7 +229,7 @@ def _human(n: float) -> str:
 def _summary(document: dict, delta_dir: Optional[Path] = None) -> str:
     layers = document["layers"]
     width = max([len("layer")] + [len(n) for n in layers])
-    lines = [f"{'layer':<{width}}  {'shape':>11}  {'bands (bits×vectors)':<24} {'bits/param':>10} {'bytes':>10}"]
+    lines = [f"{'layer':<{width}}  {'shape':>11}  {'structure':<24} {'bits/param':>10} {'bytes':>10}"]
     params = 0
     for name, spec in layers.items():
         out_f, in_f = spec["shape"]
@@ -284,60 +285,83 @@ def main():
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
 @click.option("--stream", is_flag=True,
               help="read both checkpoints tensor by tensor (never a whole model in memory); same artifact")
+@click.option("--method-option", "method_options", multiple=True, metavar="KEY=VALUE",
+              help="a setting of the method's own (repeatable; VALUE is JSON, else a string)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar, no per-layer table")
 @_user_errors
-def compress(base, finetuned, out, alpha, method, allocation, group_size, calib, calib_file, calib_len, seed, dtype,
-             overwrite, stream, quiet):
+def compress(base, finetuned, out, **opts):
     """Compress FINETUNED against BASE and write the delta artifact OUT."""
-    if out.exists() and not overwrite:
+    if out.exists() and not opts["overwrite"]:
         raise click.ClickException(f"{out} exists; pass --overwrite to replace it")
     if base.resolve() == finetuned.resolve():
-        raise click.UsageError("BASE and FINETUNED are the same directory: there is no delta to compress")
-    _check_options(alpha=alpha, method=method, allocation=allocation, group_size=group_size)
-    with _quiet_transformers(quiet):
-        _compress(base, finetuned, out, alpha, method, allocation, group_size, calib, calib_file, calib_len, seed,
-                  dtype, overwrite, stream, quiet)
+        raise click.UsageError("BASE and FINETUNED are the same directory: there is no delta to store")
+    opts["method_options"] = _parse_method_options(opts["method_options"])
+    _check_options(**{k: opts[k] for k in ("alpha", "method", "allocation", "group_size", "method_options")})
+    with _quiet_transformers(opts["quiet"]):
+        if opts["stream"]:
+            _compress_streaming(base, finetuned, out, opts)
+        else:
+            _compress(base, finetuned, out, opts)
 
 
-def _compress(base, finetuned, out, alpha, method, allocation, group_size, calib, calib_file, calib_len, seed, dtype,
-              overwrite, stream, quiet):
-    from .artifact import read_delta_config
-
-    if stream:
-        if calib or calib_file is not None:
-            raise click.UsageError("--stream is data-free: --calib needs the whole model (drop --stream)")
-        if dtype != "auto":
-            raise click.UsageError("--stream reads the tensors in their saved dtype: drop --dtype")
-        from .checkpoint import write_dir_atomic
-        from .streaming import compress_streaming
-
-        # into a staging directory first: a zero delta must not replace (or become) OUT
-        stage = out.parent / f".{out.name}.stream-{uuid.uuid4().hex[:12]}"
+def _parse_method_options(items) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE", param_hint="--method-option")
         try:
-            compress_streaming(base, finetuned, stage, alpha=alpha, method=method, allocation=allocation,
-                               group_size=group_size, progress=not quiet,
-                               metadata={"base": str(base), "finetuned": str(finetuned), "calibration_windows": 0})
-            document = read_delta_config(stage)
-            _refuse_zero_delta(document, base, finetuned)
-            write_dir_atomic(out, lambda tmp: [os.replace(f, tmp / f.name) for f in stage.iterdir()], overwrite)
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
-        _report_written(read_delta_config(out), out, quiet)
-        return
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
+
+def _config_fields(opts: dict) -> dict:
+    """The DeltaCoMeConfig fields the command line sets."""
+    fields = {k: opts[k] for k in ("alpha", "method", "allocation", "group_size")}
+    if opts["method_options"]:
+        fields["method_options"] = opts["method_options"]
+    return fields
+
+
+def _compress_streaming(base: Path, finetuned: Path, out: Path, opts: dict):
+    from .artifact import read_delta_config
+    from .checkpoint import write_dir_atomic
+    from .streaming import compress_streaming
+
+    if opts["calib"] or opts["calib_file"] is not None:
+        raise click.UsageError("--stream is data-free: --calib needs the whole model (drop --stream)")
+    if opts["dtype"] != "auto":
+        raise click.UsageError("--stream reads the tensors in their saved dtype: drop --dtype")
+    # into a staging directory first: a zero delta must not replace (or become) OUT
+    stage = out.parent / f".{out.name}.stream-{uuid.uuid4().hex[:12]}"
+    try:
+        compress_streaming(base, finetuned, stage, progress=not opts["quiet"], **_config_fields(opts),
+                           metadata={"base": str(base), "finetuned": str(finetuned), "calibration_windows": 0})
+        document = read_delta_config(stage)
+        _refuse_zero_delta(document, base, finetuned)
+        write_dir_atomic(out, lambda tmp: [os.replace(f, tmp / f.name) for f in stage.iterdir()], opts["overwrite"])
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    _report_written(read_delta_config(out), out, opts["quiet"])
+
+
+def _compress(base: Path, finetuned: Path, out: Path, opts: dict):
     import torch
 
-    from .artifact import save_delta
+    from .artifact import read_delta_config, save_delta
     from .compress import compress_
     from .config import DeltaCoMeConfig
     from .fingerprint import same
 
+    calib, calib_file, quiet = opts["calib"], opts["calib_file"], opts["quiet"]
     if calib_file is not None and not calib:
         raise click.UsageError("--calib-file is used only with --calib N (N > 0)")
     if not quiet:
         click.echo(f"loading {base} and {finetuned}", err=True)
-    base_model = _load(base, dtype)
-    model = _load(finetuned, dtype)
+    base_model = _load(base, opts["dtype"])
+    model = _load(finetuned, opts["dtype"])
     base_state, ft_state = base_model.state_dict(), model.state_dict()
     if base_state.keys() == ft_state.keys() and all(same(ft_state[k], v) for k, v in base_state.items()):
         raise click.ClickException(f"{finetuned} holds exactly the weights of {base}: there is no delta to store")
@@ -351,14 +375,11 @@ def _compress(base, finetuned, out, alpha, method, allocation, group_size, calib
         else:
             text, source = calib_file.read_text(encoding="utf-8", errors="replace"), str(calib_file)
         ids = encode_text(text, finetuned, model.config)
-        calibration = [text_windows(ids, calib, calib_len, seed)]
-    config = DeltaCoMeConfig(
-        base=base_model, alpha=alpha, method=method, allocation=allocation, group_size=group_size,
-        calibration=calibration, progress=not quiet,
-    )
+        calibration = [text_windows(ids, calib, opts["calib_len"], opts["seed"])]
+    config = DeltaCoMeConfig(base=base_model, calibration=calibration, progress=not quiet, **_config_fields(opts))
     with torch.no_grad():
         compress_(model, config)
-    save_delta(model, out, base=base_model, config=config, overwrite=overwrite,
+    save_delta(model, out, base=base_model, config=config, overwrite=opts["overwrite"],
                metadata={"base": str(base), "finetuned": str(finetuned), "calibration_windows": calib,
                          "calibration_source": source})
     _report_written(read_delta_config(out), out, quiet)

@@ -51,7 +51,9 @@ def select_layers(root: torch.nn.Module, config: Any, filter_fn: Optional[Callab
         return visited
     model_type = getattr(getattr(root, "config", None), "model_type", None)
     recipe = config.recipe or recipe_for(model_type)
-    targets = [(n, m) for n, m in visited if isinstance(m, torch.nn.Linear) and recipe.selects(n)]
+    seen: set = set()  # a module shared at two paths is compressed once, under its first name
+    targets = [(n, m) for n, m in visited if isinstance(m, torch.nn.Linear) and recipe.selects(n)
+               and not (id(m) in seen or seen.add(id(m)))]
     if not targets:
         first = visited[0][0] if visited else None
         raise ValueError(

@@ -10,9 +10,10 @@ on the config, which stays a plain value (a copy of it shares the base and copie
 
 from __future__ import annotations
 
+import json
 import math
 import threading
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -23,7 +24,7 @@ from .allocate import OPTIMAL_CANDIDATES, SUPPORTED_BITS
 from .checkpoint import BaseWeights
 from .compress import compressed_layers, delta_report, plan_compression, select_layers, walk_modules
 from .delta_tensor import DeltaTensor
-from .methods import get_method, method_names
+from .methods import ALLOCATIONS, get_method, method_names
 from .recipes import Recipe
 from .torchao_walk import current_walk
 
@@ -31,7 +32,12 @@ __all__ = ["DeltaCoMeConfig", "deltacome_config", "SVD_METHODS", "ALLOCATIONS",
            "BaseWeights", "delta_report", "compressed_layers"]  # the last three: 0.1 import paths
 
 SVD_METHODS = ("auto", "exact", "randomized")
-ALLOCATIONS = ("paper", "optimal")
+
+
+def __getattr__(name: str):
+    if name == "METHODS":  # 0.1: a fixed tuple; now whatever is registered
+        return method_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -54,6 +60,8 @@ class DeltaCoMeConfig(AOBaseConfig):
         inputs): the factors are then quantized with GPTQ, layer by layer (see `calibrate.py`), with
         `damp` (fraction of the Hessian's mean diagonal), `act_order` and, if `target_correction`,
         Û quantized toward the target that best reproduces the layer's delta outputs.
+    method_options: the method's own settings ({name: JSON value}; the names it declared at
+        registration, the others keep their defaults); recorded in the artifact.
 
     Every field is validated here; a bad value raises ValueError naming the valid range.
     """
@@ -73,6 +81,7 @@ class DeltaCoMeConfig(AOBaseConfig):
     damp: float = 0.01
     act_order: bool = True
     target_correction: bool = False
+    method_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.base is None:
@@ -92,7 +101,8 @@ class DeltaCoMeConfig(AOBaseConfig):
         probe = object.__new__(cls)
         for f in fields(cls):
             if f.name != "base":
-                setattr(probe, f.name, options.get(f.name, f.default))
+                default = f.default_factory() if f.default is MISSING else f.default
+                setattr(probe, f.name, options.get(f.name, default))
         probe.validate_options()
 
     def validate_options(self) -> None:
@@ -140,6 +150,21 @@ class DeltaCoMeConfig(AOBaseConfig):
             raise ValueError(f"damp must be a finite number >= 0, got {self.damp!r}")
         if self.calibration is not None:
             self._check_calibration()
+        self._check_method_options(method)
+
+    def _check_method_options(self, method) -> None:
+        if not isinstance(self.method_options, Mapping):
+            raise ValueError(f"method_options must be a mapping of option names to values, got {self.method_options!r}")
+        unknown = sorted(set(self.method_options) - set(method.options))
+        if unknown:
+            declared = sorted(method.options) or "none"
+            raise ValueError(f"method_options: method {self.method!r} has no option(s) {unknown}; its options: {declared}")
+        try:
+            json.dumps(dict(self.method_options))
+        except (TypeError, ValueError):
+            raise ValueError(f"method_options must be JSON values (they are recorded in the artifact), "
+                             f"got {self.method_options!r}") from None
+        self.method_options = {**method.options, **self.method_options}
 
     def _check_calibration(self) -> None:
         samples = self.calibration
@@ -187,6 +212,10 @@ class DeltaCoMeConfig(AOBaseConfig):
         if type(weight) is not method.tensor:
             raise TypeError(f"method {self.method!r} is registered with {method.tensor.__name__} but its compress "
                             f"function returned {type(weight).__name__}")
+        problem = weight.layout_mismatch()
+        if problem:  # caught here, not when the artifact is read back
+            raise TypeError(f"method {self.method!r}, {name}: the compressed weight does not match "
+                            f"{method.tensor.__name__}.delta_layout: {problem}")
         return weight.with_contiguous_parts()
 
 
@@ -205,41 +234,73 @@ def deltacome_config(base, alpha: float = 1 / 16, method: str = "deltacome", **k
 
 # --- the quantize_ shortcut --------------------------------------------------------------------------
 
-_RUNS: dict = {}  # (thread, call) -> (root id, {id(module): weight}, ids of modules still to visit)
+# thread -> (the running call's outermost frame, {id(module): (id(its weight), visits left)} of the
+# modules the walk has still to visit, as the call's first step left them). Holding the frame keeps its identity from
+# being reused by a later call; a finished call's entry is dropped, an aborted one's is replaced by
+# the thread's next call.
+_RUNS: dict = {}
 _RUNS_LOCK = threading.Lock()
 
 
+def _swap_all(root: torch.nn.Module, weights: dict) -> dict:
+    """Swap every planned weight into `root` (nothing can fail here); -> {id(module): id(weight)}."""
+    swapped = {}
+    for m in root.modules():
+        if id(m) in weights and id(m) not in swapped:
+            m.weight = torch.nn.Parameter(weights[id(m)], requires_grad=False)
+            swapped[id(m)] = id(m.weight)
+    return swapped
+
+
 @register_quantize_module_handler(DeltaCoMeConfig)
-def _quantize_handler(module: torch.nn.Module, config: DeltaCoMeConfig) -> torch.nn.Module:
+def _quantize_handler(module: torch.nn.Module, config: DeltaCoMeConfig, parameter_name: str = "weight") -> torch.nn.Module:
+    """torchao calls this once per module it visits. The first call of a `quantize_` run plans the
+    whole model and swaps every compressed weight at once (all or nothing); the later calls of the
+    same run only recognise modules already done."""
+    if parameter_name != "weight":
+        raise ValueError(f"DeltaCoMeConfig compresses a module's weight, not {parameter_name!r}")
     walk = current_walk()
     if walk is None or walk.fqn == "":  # handed the model itself: compress all of it at once
-        weights = plan_compression(module, config, select_layers(module, config), walk.device if walk else None)
-        for m in module.modules():
-            if id(m) in weights:
-                m.weight = torch.nn.Parameter(weights[id(m)], requires_grad=False)
+        _swap_all(module, plan_compression(module, config, select_layers(module, config), walk.device if walk else None))
         return module
-    if walk.fqn is not None:  # an FqnToConfig entry: this one module, by its name in the root
-        if not isinstance(module, torch.nn.Linear):
-            raise ValueError(
-                f"FqnToConfig maps {walk.fqn!r} ({type(module).__name__}) to a DeltaCoMeConfig; map linear layers "
-                f"(or the whole model, '') to it, or use compress_(model, config, filter_fn=...)"
-            )
-        weights = plan_compression(walk.root, config, [(walk.fqn, module)], walk.device)
-    else:  # torchao's module walk: plan every layer on the first call, swap one per call
-        key = (threading.get_ident(), walk.key)
+    if walk.fqn is not None:  # an FqnToConfig entry: this module, by its name in the root
+        return _quantize_named(module, config, walk)
+    thread = threading.get_ident()
+    with _RUNS_LOCK:
+        run = _RUNS.get(thread)
+        if run is not None and run[0] is walk.frame and run[1].get(id(module), (None,))[0] == id(module.weight):
+            weight_id, visits = run[1][id(module)]  # done by this call's first step
+            if visits > 1:
+                run[1][id(module)] = (weight_id, visits - 1)  # a module shared at several paths
+            else:
+                del run[1][id(module)]
+            if not run[1]:
+                del _RUNS[thread]
+            return module
+        _RUNS.pop(thread, None)  # a new call: whatever an earlier, aborted call left is stale
+    targets = select_layers(walk.root, config, walk.filter_fn)
+    later = [m for _, m in walk_modules(walk.root, walk.filter_fn) if m is not module]
+    _swap_all(walk.root, plan_compression(walk.root, config, targets, walk.device))
+    # every module the walk still visits: the weight it holds now (compressed or left as is), and how
+    # many more times the walk reaches it (once per path it sits at)
+    remaining = {}
+    for m in later:
+        remaining[id(m)] = (id(m.weight), remaining.get(id(m), (None, 0))[1] + 1)
+    if remaining:
         with _RUNS_LOCK:
-            run = _RUNS.get(key)
-        if run is None or run[0] != id(walk.root) or id(module) not in run[2]:
-            targets = select_layers(walk.root, config, walk.filter_fn)
-            visits = {id(m) for _, m in walk_modules(walk.root, walk.filter_fn)}
-            run = (id(walk.root), plan_compression(walk.root, config, targets, walk.device), visits)
-            with _RUNS_LOCK:
-                _RUNS[key] = run
-        _, weights, pending = run
-        pending.discard(id(module))
-        if not pending:
-            with _RUNS_LOCK:
-                _RUNS.pop(key, None)
-    if id(module) in weights:
-        module.weight = torch.nn.Parameter(weights.pop(id(module)), requires_grad=False)
+            _RUNS[thread] = (walk.frame, remaining)
+    return module
+
+
+def _quantize_named(module: torch.nn.Module, config: DeltaCoMeConfig, walk) -> torch.nn.Module:
+    """One `FqnToConfig` entry. An entry naming the module exactly compresses it; a pattern
+    (`re:...`) or `_default` entry compresses it only if the recipe selects it (as `compress_`)."""
+    if not isinstance(module, torch.nn.Linear):
+        raise ValueError(
+            f"FqnToConfig maps {walk.fqn!r} ({type(module).__name__}) to a DeltaCoMeConfig; map linear layers "
+            f"(or the whole model, '') to it, or use compress_(model, config, filter_fn=...)"
+        )
+    if not walk.exact and not [m for _, m in select_layers(walk.root, config) if m is module]:
+        return module
+    _swap_all(walk.root, plan_compression(walk.root, config, [(walk.fqn, module)], walk.device))
     return module

@@ -120,6 +120,18 @@ class DeltaTensor(TorchAOBaseTensor):
         base = self.base_weight if is_plain(self.base_weight) else self.base_weight.dequantize()
         return (base.float() + self.delta_weight()).to(output_dtype or self.dtype)
 
+    def layout_mismatch(self) -> Optional[str]:
+        """Why this weight's inner tensors differ from what its spec's layout says (None if they
+        match): the check every reader applies, run at compress time instead of at load time."""
+        try:
+            layout = type(self).inner_layout(self.spec())
+        except (DeltaSpecError, TypeError, ValueError) as e:
+            return str(e)
+        actual = {n: (tuple(getattr(self, n).shape), getattr(self, n).dtype) for n in self.tensor_data_names}
+        wrong = [f"{n} is {tuple(shape)} {dtype_name(dt)}, the layout says {tuple(layout[n][0])} {dtype_name(layout[n][1])}"
+                 for n, (shape, dt) in actual.items() if n != "base_weight" and (tuple(shape), dt) != (tuple(layout[n][0]), layout[n][1])]
+        return "; ".join(wrong) or None
+
     def with_contiguous_parts(self) -> "DeltaTensor":
         """The same weight with every inner tensor contiguous: the layout every stored form (artifact,
         checkpoint) reloads with, so results before saving and after loading agree bit for bit."""

@@ -146,13 +146,16 @@ def method_fields(config: Any) -> dict:
     """How a delta was made, for the JSON documents: method, alpha, group size, allocation, calibrated."""
     if config is None:
         return {"method": None, "alpha": None, "group_size": None, "allocation": None, "calibrated": None}
-    return {
+    out = {
         "method": config.method,
         "alpha": config.alpha,
         "group_size": config.group_size,
         "allocation": config.allocation,
         "calibrated": config.calibration is not None,
     }
+    if getattr(config, "method_options", None):  # only methods with settings of their own
+        out["method_options"] = dict(config.method_options)
+    return out
 
 
 def model_config(config: Any) -> Optional[dict]:
@@ -377,6 +380,7 @@ def check_document(document: Any, where: Any, verify: str = "full") -> dict:
     _check_field(document, "model_dtype", lambda v: v in DTYPE_NAMES, f"a dtype name ({', '.join(DTYPE_NAMES)})", where)
     _check_field(document, "model_config", lambda v: v is None or isinstance(v, dict), "an object or null", where)
     _check_field(document, "user", lambda v: v is None or isinstance(v, dict), "an object or null", where)
+    _check_field(document, "method_options", lambda v: isinstance(v, dict), "an object", where)
     _check_field(document, "bytes", lambda v: isinstance(v, dict) and all(
         _is_int(v.get(k)) and v.get(k) >= 0 for k in ("compressed", "kept")),
         "an object {compressed: int, kept: int}", where)

@@ -95,23 +95,16 @@ class DeltaCoMeHfConfig(QuantizationConfigMixin):
     """`quantization_config` of a compressed checkpoint (stored in `config.json`).
 
     modules: {module name: layer structure} (`DeltaTensor.spec()`) for every compressed layer.
-    method / alpha / group_size / allocation / calibrated: how it was compressed, when known.
+    digests / guard: per-tensor sha256 and the guard tensor's name (docs/integrity.md).
+    how: how it was compressed, when known (`format.method_fields`: method, alpha, group_size,
+        allocation, calibrated, method_options); any other field is ignored with a warning.
     """
 
-    def __init__(
-        self,
-        modules: Optional[dict] = None,
-        format_version: int = FORMAT_VERSION,
-        library_version: Optional[str] = None,
-        method: Optional[str] = None,
-        alpha: Optional[float] = None,
-        group_size: Optional[int] = None,
-        allocation: Optional[str] = None,
-        calibrated: Optional[bool] = None,
-        digests: Optional[dict] = None,
-        guard: Optional[str] = None,
-        **kwargs,
-    ):
+    HOW = ("method", "alpha", "group_size", "allocation", "calibrated", "method_options")
+
+    def __init__(self, modules: Optional[dict] = None, format_version: int = FORMAT_VERSION,
+                 library_version: Optional[str] = None, digests: Optional[dict] = None, guard: Optional[str] = None,
+                 **how):
         self.quant_method = QUANT_METHOD
         if not isinstance(format_version, int) or isinstance(format_version, bool) or format_version < 1:
             raise DeltaFormatError(f"quantization_config: field 'format_version' must be an integer >= 1, got {format_version!r}")
@@ -136,12 +129,14 @@ class DeltaCoMeHfConfig(QuantizationConfigMixin):
         if library_version is None:
             library_version = __version__
         self.library_version = library_version
-        self.method, self.alpha, self.group_size = method, alpha, group_size
-        self.allocation, self.calibrated = allocation, calibrated
+        for name in self.HOW:
+            setattr(self, name, how.get(name))
+        if self.method_options is not None and not isinstance(self.method_options, dict):
+            raise DeltaFormatError(f"quantization_config: field 'method_options' must be an object, got {self.method_options!r}")
         self.modules = {name: dict(spec) for name, spec in (modules or {}).items()}
         for name, spec in self.modules.items():
             check_spec(spec, f"quantization_config: modules[{name!r}]")
-        unknown = set(kwargs) - {"quant_method"}
+        unknown = set(how) - set(self.HOW) - {"quant_method"}
         if unknown:  # written by a newer release of the same format version: informational only
             warnings.warn(f"quantization_config: ignoring unknown fields {sorted(unknown)}", stacklevel=2)
 
@@ -157,11 +152,8 @@ class DeltaCoMeHfConfig(QuantizationConfigMixin):
             "quant_method": self.quant_method,
             "format_version": self.format_version,
             "library_version": self.library_version,
-            "method": self.method,
-            "alpha": self.alpha,
-            "group_size": self.group_size,
-            "allocation": self.allocation,
-            "calibrated": self.calibrated,
+            **{name: getattr(self, name) for name in self.HOW if name != "method_options"},
+            **({"method_options": dict(self.method_options)} if self.method_options else {}),
             "modules": {name: dict(spec) for name, spec in self.modules.items()},
             "guard": self.guard,
             "digests": None if self.digests is None else dict(self.digests),

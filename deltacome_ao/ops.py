@@ -153,3 +153,29 @@ def segmented_delta(y: torch.Tensor, x: torch.Tensor, groups) -> torch.Tensor:
         counts += list(f.counts)
     return segmented_delta_linear(y, x, [r for r, _ in groups], tensors, bits, counts,
                                   [len(f.bits) for _, f in groups], [f.group_size for _, f in groups])
+
+
+# --- 0.1 names, kept importable for one release ------------------------------------------------------
+
+
+def _dequantize_factor_01(packed, scale, zero, bits, counts, length: int, group_size: int) -> torch.Tensor:
+    """0.1's `dequantize_factor`: one factor's rows (r, length), fp32. Use `PackedFactors.dequantize_factor`."""
+    f = PackedFactors(packed, scale, zero, packed, scale, zero, torch.zeros(sum(counts)), tuple(bits), tuple(counts),
+                      group_size, length, length)
+    return f.dequantize_factor("v")
+
+
+def _dequantize_factors_01(out_features: int, in_features: int, *factors_and_bands) -> tuple[torch.Tensor, torch.Tensor]:
+    """0.1's `dequantize_factors(out, in, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, bits, counts,
+    group_size)`. Use `PackedFactors.dequantize`."""
+    *tensors, bits, counts, group_size = factors_and_bands
+    v = _dequantize_factor_01(*tensors[:3], bits, counts, in_features, group_size)
+    ut = _dequantize_factor_01(*tensors[3:], bits, counts, out_features, group_size)
+    return v, ut
+
+
+def __getattr__(name: str):
+    legacy = {"dequantize_factor": _dequantize_factor_01, "dequantize_factors": _dequantize_factors_01}
+    if name in legacy:
+        return legacy[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -36,11 +36,12 @@ class Walk:
     """One running `quantize_` call: its root model, and either the filter and device of a module
     walk, or the fully qualified name of the one module an `FqnToConfig` entry hands over."""
 
-    key: int  # identifies the call (id of its outermost frame) while it runs
+    frame: Any  # the call's outermost torchao frame: identifies the running call
     root: torch.nn.Module
     filter_fn: Optional[Callable] = None
     device: Any = None
     fqn: Optional[str] = None
+    exact: bool = False  # FqnToConfig: the entry names this module exactly (not a pattern or _default)
 
 
 def current_walk() -> Optional[Walk]:
@@ -58,8 +59,9 @@ def current_walk() -> Optional[Walk]:
         frame = frame.f_back
     if walk is not None:
         local = walk.f_locals
-        return Walk(id(walk), local["model"], filter_fn=local["filter_fn"], device=local.get("device"))
+        return Walk(walk, local["model"], filter_fn=local["filter_fn"], device=local.get("device"))
     if fqn is not None and quantize is not None:
-        return Walk(id(fqn), quantize.f_locals["model"], device=quantize.f_locals.get("device"),
-                    fqn=fqn.f_locals["fqn"])
+        name, mapping = fqn.f_locals["fqn"], getattr(fqn.f_locals.get("config"), "fqn_to_config", {})
+        return Walk(fqn, quantize.f_locals["model"], device=quantize.f_locals.get("device"), fqn=name,
+                    exact=name in mapping or f"{name}.weight" in mapping)
     return None

@@ -1,3 +1,3 @@
 """The library version, recorded in every artifact and checkpoint it writes."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

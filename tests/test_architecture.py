@@ -113,6 +113,23 @@ def test_imports_never_go_to_a_later_stage():
     assert not upward, "\n".join(upward)
 
 
+def _module_aliases(tree, path_parts) -> set[str]:
+    """Names bound to package modules in a file: `import deltacome_ao.x as a`, `from . import x`,
+    `from .pkg import module` (when `module` is a module file of the package)."""
+    aliases = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] == "deltacome_ao":
+                    aliases.add(a.asname or a.name.split(".")[0])
+        elif isinstance(node, ast.ImportFrom):
+            absolute = node.level == 0 and (node.module or "").split(".")[0] == "deltacome_ao"
+            if node.level or absolute:
+                for a in node.names:
+                    aliases.add(a.asname or a.name)  # names that are modules; other names are filtered below
+    return aliases
+
+
 def test_no_module_imports_another_modules_private_names():
     private = []
     for path, parts in _modules():
@@ -121,14 +138,14 @@ def test_no_module_imports_another_modules_private_names():
                 if n.startswith("_") and not n.startswith("__"):
                     private.append(f"{path.relative_to(REPO)}:{line} imports {'.'.join(target)}.{n}")
         tree = ast.parse(path.read_text())
-        aliases = {}
-        for node in ast.walk(tree):  # `from . import artifact` ... `artifact._x`
-            if isinstance(node, ast.ImportFrom) and node.level and node.module is None:
-                aliases.update({a.asname or a.name: a.name for a in node.names})
-        for node in ast.walk(tree):
-            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+        aliases = _module_aliases(tree, parts)
+        for node in ast.walk(tree):  # `from . import artifact` ... `artifact._x`, `import deltacome_ao.x as a` ... `a._y`
+            value = node.value if isinstance(node, ast.Attribute) else None
+            while isinstance(value, ast.Attribute):
+                value = value.value
+            if (isinstance(node, ast.Attribute) and isinstance(value, ast.Name) and value.id in aliases
                     and node.attr.startswith("_") and not node.attr.startswith("__")):
-                private.append(f"{path.relative_to(REPO)}:{node.lineno} uses {node.value.id}.{node.attr}")
+                private.append(f"{path.relative_to(REPO)}:{node.lineno} uses {ast.unparse(node)}")
     assert not private, "\n".join(private)
 
 

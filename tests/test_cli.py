@@ -141,7 +141,7 @@ def test_compress_calibrated_on_the_default_corpus(tmp_path):
 
 
 def test_help_and_version():
-    assert run("--version").stdout.strip() == "deltacome 0.1.0"
+    assert run("--version").stdout.strip() == "deltacome 0.2.0"
     for command in ("compress", "inspect", "eval", "merge"):
         result = run(command, "--help")
         assert result.exit_code == 0 and "Usage:" in result.stdout

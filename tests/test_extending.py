@@ -17,11 +17,21 @@ from click.testing import CliRunner
 from torchao import quantize_
 from transformers import AutoModelForCausalLM
 
-from deltacome_ao import DeltaCoMeConfig, DeltaTensor, MultiDeltaModel, compress_, delta_report, load_delta, save_delta
+from deltacome_ao import (
+    DeltaCoMeConfig,
+    DeltaTensor,
+    MultiDeltaModel,
+    compress_,
+    compressed_layers,
+    delta_report,
+    load_delta,
+    save_delta,
+)
+from deltacome_ao.format import read_delta_config
 from deltacome_ao.cli import main
 from deltacome_ao.decompose import weight_delta
 from deltacome_ao.hf import save_pretrained
-from deltacome_ao.methods import register_method
+from deltacome_ao.methods import register_method, unregister_method
 from tiny_models import LAYER_NAMES, ids, structured_finetune, tiny
 
 RANK = 4
@@ -221,9 +231,16 @@ def test_a_method_file_dropped_into_the_package_is_all_it_takes(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     shutil.copytree(repo / "deltacome_ao", tmp_path / "deltacome_ao", ignore=shutil.ignore_patterns("__pycache__"))
     (tmp_path / "deltacome_ao" / "methods" / "sign_rows.py").write_text(IN_TREE_METHOD)
+    # a method file whose optional dependency is missing costs only its own methods
+    (tmp_path / "deltacome_ao" / "methods" / "needs_extra.py").write_text("import no_such_optional_dependency\n")
     code = (
         "import sys, torch\n"
         "sys.path.insert(0, 'tests_dir')\n"
+        "import warnings\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import deltacome_ao.methods\n"
+        "assert any('needs_extra.py could not be imported' in str(w.message) for w in caught), caught\n"
         "import deltacome_ao\n"
         "assert deltacome_ao.__file__.startswith(sys.argv[1]), deltacome_ao.__file__\n"
         "from deltacome_ao import DeltaCoMeConfig, compress_, method_names\n"
@@ -245,3 +262,101 @@ def test_a_method_file_dropped_into_the_package_is_all_it_takes(tmp_path):
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=tmp_path, env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+def test_registration_is_checked():
+    def compress(finetuned, base, config, *, name="weight", hessian=None):
+        return None
+
+    with pytest.raises(ValueError, match="identifiers"):
+        register_method("no spaces", ToyLowRankTensor, compress_toy)
+    with pytest.raises(TypeError, match="DeltaTensor subclass"):
+        register_method("plain", torch.Tensor, compress_toy)
+    with pytest.raises(TypeError, match="DeltaTensor subclass"):
+        register_method("base_class", DeltaTensor, compress_toy)
+    with pytest.raises(TypeError, match="compress must be callable"):
+        register_method("not_callable", ToyLowRankTensor, 42)
+    with pytest.raises(ValueError, match=r"allocations must be a non-empty tuple from \('paper', 'optimal'\)"):
+        register_method("one_string", ToyLowRankTensor, compress_toy, allocations="optimal")
+    with pytest.raises(TypeError, match="calibrated must be True or False"):
+        register_method("truthy", ToyLowRankTensor, compress_toy, calibrated="no")
+    with pytest.raises(ValueError, match="'deltacome' is already registered"):
+        register_method("deltacome", ToyLowRankTensor, compress)
+    with pytest.raises(ValueError, match="'toy_lowrank' is already registered"):
+        register_method("toy_lowrank", ToyLowRankTensor, compress)  # same class, another compress function
+
+    class Incomplete(DeltaTensor):
+        tensor_data_names = ["base_weight", "x"]
+        tensor_attribute_names = []
+
+    with pytest.raises(TypeError, match=r"must define \['delta_layout', 'delta_term', 'delta_weight'\]"):
+        register_method("incomplete", Incomplete, compress)
+
+    class BaseNotFirst(ToyLowRankTensor):
+        tensor_data_names = ["u", "base_weight", "v"]
+
+    with pytest.raises(TypeError, match=r"tensor_data_names \['base_weight'"):
+        register_method("base_not_first", BaseNotFirst, compress)
+
+
+class LyingLayoutTensor(ToyLowRankTensor):
+    """Says its u is (out, rank + 1): the readers would refuse every artifact it writes."""
+
+    @classmethod
+    def delta_layout(cls, shape, attributes):
+        layout = super().delta_layout(shape, attributes)
+        (out_features, r), dtype = layout["u"]
+        return {**layout, "u": ((out_features, r + 1), dtype)}
+
+
+def compress_lying(finetuned, base, config, *, name="weight", hessian=None):
+    t = compress_toy(finetuned, base, config, name=name)
+    return LyingLayoutTensor(t.base_weight, t.u, t.v, t.rank)
+
+
+@pytest.fixture
+def registered():
+    """Register methods for one test only."""
+    names = []
+
+    def register(name, *args, **kwargs):
+        names.append(register_method(name, *args, **kwargs).name)
+
+    yield register
+    for name in names:
+        unregister_method(name)
+
+
+def test_a_kind_whose_layout_lies_fails_at_compress_time(pair, registered):
+    base, ft = pair
+    registered("toy_lying", LyingLayoutTensor, compress_lying)
+    model = copy.deepcopy(ft)
+    with pytest.raises(TypeError, match=r"method 'toy_lying', model\.layers\.0\.\S+: the compressed weight does not "
+                                        r"match LyingLayoutTensor\.delta_layout"):
+        compress_(model, DeltaCoMeConfig(base=base, method="toy_lying", progress=False))
+    assert torch.equal(logits(model), logits(ft))  # nothing changed
+
+
+def test_a_method_with_settings_of_its_own(pair, tmp_path, registered):
+    base, ft = pair
+
+    def compress_rank(finetuned, base, config, *, name="weight", hessian=None):
+        r = config.method_options["rank"]
+        u, s, vh = torch.linalg.svd(weight_delta(finetuned, base, name), full_matrices=False)
+        return ToyLowRankTensor(base.detach().clone(), (u[:, :r] * s[:r]).half(), vh[:r].half(), r)
+
+    registered("toy_rank", ToyLowRankTensor, compress_rank, options={"rank": 2})
+    assert DeltaCoMeConfig(base=base, method="toy_rank").method_options == {"rank": 2}
+    with pytest.raises(ValueError, match=r"method_options: method 'toy_rank' has no option\(s\) \['rnak'\]; its options: \['rank'\]"):
+        DeltaCoMeConfig(base=base, method="toy_rank", method_options={"rnak": 3})
+    with pytest.raises(ValueError, match=r"method_options: method 'deltacome' has no option\(s\) \['rank'\]; its options: none"):
+        DeltaCoMeConfig(base=base, method_options={"rank": 3})
+    config = DeltaCoMeConfig(base=base, method="toy_rank", method_options={"rank": 3}, progress=False)
+    model = compress_(copy.deepcopy(ft), config)
+    assert {w.rank for w in compressed_layers(model).values()} == {3}
+    save_delta(model, tmp_path / "d", base=base, config=config)
+    assert read_delta_config(tmp_path / "d")["method_options"] == {"rank": 3}
+    (tmp_path / "b").mkdir(), (tmp_path / "f").mkdir()  # never read: the option is refused first
+    r = CliRunner().invoke(main, ["compress", str(tmp_path / "b"), str(tmp_path / "f"), str(tmp_path / "c"),
+                                  "--method", "toy_rank", "--method-option", "rnak=3"])
+    assert r.exit_code == 2 and "no option(s) ['rnak']" in r.output  # refused before any model is loaded

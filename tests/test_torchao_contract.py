@@ -138,3 +138,56 @@ def test_failed_run_leaves_nothing_behind(pair):
         quantize_(model, cfg(base, alpha=1e-5))  # no vector fits the budget
     assert config_module._RUNS == {} and not compressed_layers(model)
     assert torch.equal(logits(model), before)
+
+
+def test_a_failing_walk_changes_nothing_and_leaves_no_plan_for_the_next_call(pair):
+    """A filter that fails part way through torchao's walk fails while the first handler call plans
+    (the plan walks the same filter) — before any swap; the next quantize_ plans afresh."""
+    base, ft = pair
+    model = copy.deepcopy(ft)
+    before = logits(model)
+    calls = []
+
+    def filter_fn(module, name):
+        if isinstance(module, torch.nn.Linear):
+            calls.append(name)
+            if len(calls) == 3:
+                raise RuntimeError("the filter dies")
+            return True
+        return False
+
+    with pytest.raises(RuntimeError, match="the filter dies"):
+        quantize_(model, cfg(base, alpha=1 / 4), filter_fn=filter_fn)
+    assert not compressed_layers(model) and torch.equal(logits(model), before)
+    assert config_module._RUNS == {}
+    quantize_(model, cfg(base, alpha=1 / 32))  # its own plan
+    assert config_module._RUNS == {}
+    assert same_weights(model, compress_(copy.deepcopy(ft), cfg(base, alpha=1 / 32)))
+    with pytest.raises(ValueError, match="already a MixedPrecisionDeltaTensor"):
+        quantize_(model, cfg(base, alpha=1 / 32))  # a compressed model is never silently skipped
+
+
+def test_a_linear_shared_at_two_paths_is_compressed_once(pair):
+    base, ft = pair
+    shared_base, shared_ft = copy.deepcopy(base), copy.deepcopy(ft)
+    for m in (shared_base, shared_ft):
+        m.model.layers[1].mlp.up_proj = m.model.layers[0].mlp.up_proj
+    a, b = copy.deepcopy(shared_ft), copy.deepcopy(shared_ft)
+    quantize_(a, cfg(shared_base))
+    compress_(b, cfg(shared_base))
+    assert a.model.layers[1].mlp.up_proj is a.model.layers[0].mlp.up_proj
+    assert isinstance(a.model.layers[1].mlp.up_proj.weight, MixedPrecisionDeltaTensor)
+    assert same_weights(a, b) and config_module._RUNS == {}
+
+
+def test_fqn_to_config_parameter_entries_and_patterns_follow_the_recipe(pair):
+    base, ft = pair
+    model = copy.deepcopy(ft)
+    quantize_(model, FqnToConfig({"model.layers.0.self_attn.q_proj.weight": cfg(base)}), filter_fn=None)
+    assert list(compressed_layers(model)) == ["model.layers.0.self_attn.q_proj"]
+    model = copy.deepcopy(ft)
+    quantize_(model, FqnToConfig({"_default": cfg(base)}), filter_fn=None)
+    assert sorted(compressed_layers(model)) == LAYER_NAMES  # lm_head: a linear, but not what the recipe selects
+    model = copy.deepcopy(ft)
+    quantize_(model, FqnToConfig({"lm_head": cfg(base)}), filter_fn=None)
+    assert list(compressed_layers(model)) == ["lm_head"]  # named exactly: the user's choice

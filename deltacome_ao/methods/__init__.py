@@ -17,17 +17,25 @@ A compress function has the signature
 
     compress(finetuned (out, in), base (out, in), config, *, name: str, hessian=None) -> DeltaTensor
 
-where `config` is the `DeltaCoMeConfig` (read the options you need from it) and `hessian` (in, in)
-is Σ xᵀx / N of the layer's calibration inputs (only passed to methods registered with
-`calibrated=True`).
+where `config` is the `DeltaCoMeConfig` (read the options you need from it: `alpha`, `group_size`,
+..., and the method's own settings from `config.method_options`, declared with `options=` at
+registration) and `hessian` (in, in) is Σ xᵀx / N of the layer's calibration inputs (only passed to
+methods registered with `calibrated=True`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional
 
-__all__ = ["Method", "register_method", "get_method", "method_names", "tensor_kinds", "tensor_kind"]
+__all__ = ["Method", "register_method", "unregister_method", "get_method", "method_names", "tensor_kinds", "tensor_kind", "ALLOCATIONS",
+           "MethodFileWarning"]
+
+ALLOCATIONS = ("paper", "optimal")  # how a method may spend the budget (DeltaCoMeConfig.allocation)
+
+
+class MethodFileWarning(UserWarning):
+    """A file in deltacome_ao/methods/ could not be imported; its methods are unavailable."""
 
 
 @dataclass(frozen=True)
@@ -40,30 +48,70 @@ class Method:
     calibrated: bool = False  # accepts a Hessian (GPTQ) from calibration data
     allocations: tuple[str, ...] = ("paper",)  # values of `DeltaCoMeConfig.allocation` it accepts
     description: str = ""
+    options: Mapping[str, Any] = field(default_factory=dict)  # its own settings and their defaults
 
 
 _METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, tensor: type, compress: Callable, *, calibrated: bool = False,
-                    allocations: tuple[str, ...] = ("paper",), description: str = "") -> Method:
-    """Add a method; `tensor` must be a `DeltaTensor` subclass. Re-registering a name with a
-    different tensor class raises ValueError (a name means one stored format)."""
+def _check_tensor_class(name: str, tensor) -> None:
     from ..delta_tensor import DeltaTensor
 
-    if not (isinstance(tensor, type) and issubclass(tensor, DeltaTensor)):
+    if not (isinstance(tensor, type) and issubclass(tensor, DeltaTensor)) or tensor is DeltaTensor:
         raise TypeError(f"method {name!r}: tensor must be a DeltaTensor subclass, got {tensor!r}")
+    data, attrs = getattr(tensor, "tensor_data_names", None), getattr(tensor, "tensor_attribute_names", None)
+    if not (isinstance(data, list) and data[:1] == ["base_weight"] and len(data) >= 2 and isinstance(attrs, list)):
+        raise TypeError(f"method {name!r}: {tensor.__name__} needs tensor_data_names ['base_weight', <delta tensors>...] "
+                        f"and a tensor_attribute_names list (docs/extending.md)")
+    own = [k for k in tensor.__mro__ if k is not DeltaTensor and issubclass(k, DeltaTensor)]
+    missing = [m for m in ("delta_layout", "delta_term", "delta_weight") if not any(m in k.__dict__ for k in own)]
+    if missing:
+        raise TypeError(f"method {name!r}: {tensor.__name__} must define {missing} (docs/extending.md)")
+
+
+def register_method(name: str, tensor: type, compress: Callable, *, calibrated: bool = False,
+                    allocations: tuple[str, ...] = ("paper",), description: str = "",
+                    options: Optional[Mapping[str, Any]] = None) -> Method:
+    """Add a method: `tensor` (a `DeltaTensor` subclass that stores it) and `compress` (see the module
+    docstring). `calibrated`: accepts a Hessian (GPTQ). `allocations`: the `DeltaCoMeConfig.allocation`
+    values it accepts (from `ALLOCATIONS`). `options`: its own settings {name: default} (JSON values),
+    passed as `DeltaCoMeConfig(method_options={...})`.
+
+    Raises TypeError / ValueError for a malformed registration, and ValueError when the name is taken
+    (a name means one stored format; re-registering the identical method is a no-op)."""
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"method names are identifiers, got {name!r}")
+    _check_tensor_class(name, tensor)
+    if not callable(compress):
+        raise TypeError(f"method {name!r}: compress must be callable, got {compress!r}")
+    if not isinstance(calibrated, bool):
+        raise TypeError(f"method {name!r}: calibrated must be True or False, got {calibrated!r}")
+    if isinstance(allocations, str) or not allocations or any(a not in ALLOCATIONS for a in allocations):
+        raise ValueError(f"method {name!r}: allocations must be a non-empty tuple from {ALLOCATIONS}, got {allocations!r}")
+    options = dict(options or {})
+    if not all(isinstance(k, str) and k.isidentifier() for k in options):
+        raise ValueError(f"method {name!r}: option names are identifiers, got {sorted(options)}")
+    method = Method(name, tensor, compress, calibrated, tuple(allocations), description, options)
     old = _METHODS.get(name)
-    if old is not None and old.tensor.__name__ != tensor.__name__:
-        raise ValueError(f"method {name!r} is already registered with {old.tensor.__name__}")
-    clash = next((m for m in _METHODS.values() if m.tensor.__name__ == tensor.__name__ and m.tensor is not tensor), None)
+    if old is not None:
+        same = (old.tensor.__qualname__, old.tensor.__module__, getattr(old.compress, "__qualname__", None)) == \
+               (tensor.__qualname__, tensor.__module__, getattr(compress, "__qualname__", None))
+        if not same:
+            raise ValueError(f"method {name!r} is already registered (tensor {old.tensor.__name__}); pick another name")
+    clash = next((m for m in _METHODS.values() if m.tensor.__name__ == tensor.__name__
+                  and m.tensor.__qualname__ + m.tensor.__module__ != tensor.__qualname__ + tensor.__module__), None)
     if clash is not None:
-        raise ValueError(f"another tensor class named {tensor.__name__} is registered (method {clash.name!r})")
-    method = Method(name, tensor, compress, calibrated, tuple(allocations), description)
+        raise ValueError(f"another tensor class named {tensor.__name__} is registered (method {clash.name!r}); "
+                         f"the class name is what artifacts store")
     _METHODS[name] = method
     return method
+
+
+def unregister_method(name: str) -> Method:
+    """Remove a registered method (tests, plugins that unload); KeyError if it is not registered."""
+    if name not in _METHODS:
+        raise KeyError(f"method {name!r} is not registered")
+    return _METHODS.pop(name)
 
 
 def get_method(name: str) -> Method:
@@ -92,11 +140,20 @@ def tensor_kind(name) -> type:
 
 
 def _import_method_files() -> None:
+    """Import every module file of this folder; one that fails to import (e.g. an optional
+    dependency missing) only loses its own methods, with a `MethodFileWarning`."""
     import importlib
     import pkgutil
+    import warnings
 
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        importlib.import_module(f"{__name__}.{info.name}")
+        if info.ispkg:
+            continue
+        try:
+            importlib.import_module(f"{__name__}.{info.name}")
+        except Exception as e:  # noqa: BLE001 — any failure of a method file stays local to it
+            warnings.warn(f"deltacome_ao/methods/{info.name}.py could not be imported ({type(e).__name__}: {e}); "
+                          f"its methods are unavailable", MethodFileWarning, stacklevel=2)
 
 
 _import_method_files()  # each file registers itself at its end

@@ -11,7 +11,7 @@ kernel is its CUDA implementation). See docs/serving.md.
 from __future__ import annotations
 
 from ..factors import PackedFactors
-from ..ops import segmented_reference
+from ..ops import segmented_delta_linear, segmented_delta_linear_reference, segmented_reference, unflatten_segments
 from .layers import DeltaEntry, MultiDeltaEmbedding, MultiDeltaLayer, MultiDeltaLinear, MultiDeltaModule, wrap_module
 from .model import MultiDeltaModel
 from .routing import (
@@ -30,7 +30,7 @@ __all__ = [
     "Routing", "routing", "current_routing", "resolve_routing", "wrap_module", "UnknownDeltaError", "DeltaInUseError",
     "UnsupportedDeltaError", "BASE",
     # kept for one release (0.1 names)
-    "DeltaFactors", "segmented_delta_reference",
+    "DeltaFactors", "segmented_delta_reference", "register_segmented_backend",
 ]
 
 
@@ -48,3 +48,19 @@ def segmented_delta_reference(y, x, groups, factors):
     """Deprecated (0.1) form of `ops.segmented_reference`: `groups` [(delta id, rows)], `factors`
     {delta id: PackedFactors}."""
     return segmented_reference(y, x, [(rows, factors[d]) for d, rows in groups if factors.get(d) is not None])
+
+
+def register_segmented_backend(device_type: str, fn):
+    """Deprecated (0.1): make `fn(y, x, groups, factors)` — `groups` [(delta id, rows)], `factors`
+    {delta id: PackedFactors}, `y` updated in place and returned — the implementation of
+    `deltacome::segmented_delta_linear` for `device_type`; None restores the reference path. Register
+    on the op directly instead (`segmented_delta_linear.register_kernel(device_type)`, docs/extending.md)."""
+    if fn is None:
+        segmented_delta_linear.register_kernel(device_type)(segmented_delta_linear_reference)
+        return
+
+    def impl(y, x, rows, tensors, bits, counts, nbands, group_sizes):
+        groups = unflatten_segments(rows, tensors, bits, counts, nbands, group_sizes, y.shape[-1], x.shape[-1])
+        return fn(y.clone(), x, [(i, r) for i, (r, _) in enumerate(groups)], {i: f for i, (_, f) in enumerate(groups)})
+
+    segmented_delta_linear.register_kernel(device_type)(impl)
