@@ -36,6 +36,7 @@ _PUBLIC = {
     "BaseMismatchError": "fingerprint",
     "CheckpointMismatchError": "checkpoint",
     "MultiDeltaModel": "serving",
+    "unload": "restore",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -38,6 +38,7 @@ STAGES = [
     ["compress"],
     ["torchao_walk"],
     ["config"],
+    ["hub", "restore"],
     ["artifact"],
     ["streaming", "hf"],
     ["serving"],
