@@ -37,6 +37,8 @@ _PUBLIC = {
     "CheckpointMismatchError": "checkpoint",
     "MultiDeltaModel": "serving",
     "unload": "restore",
+    "export_lora": "lora",
+    "compress_lora": "lora",
 }
 
 __all__ = sorted(_PUBLIC)

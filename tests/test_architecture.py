@@ -41,6 +41,7 @@ STAGES = [
     ["hub", "restore"],
     ["artifact"],
     ["streaming", "hf"],
+    ["lora"],
     ["serving"],
     ["evaluation"],
     ["cli"],
