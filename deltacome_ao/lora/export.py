@@ -269,6 +269,14 @@ def export_lora(
         max_rank = VLLM_MAX_RANK if max_rank is None else max_rank
         if max_rank > VLLM_MAX_RANK:
             raise ValueError(f"vLLM's --max-lora-rank is at most {VLLM_MAX_RANK}, got max_rank={max_rank}")
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        dtype = _DTYPES[dtype]
+    if dtype is not None and dtype not in _DTYPES.values():
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if vllm and dtype == torch.float32:
+        raise ValueError("vLLM serves LoRA in fp16 / bf16: use dtype float16 or bfloat16 with vllm=True")
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
@@ -283,11 +291,6 @@ def export_lora(
     model_dtype = next((p.dtype for p in model.parameters()), torch.float32)
     if dtype is None:
         dtype = model_dtype if (not vllm or model_dtype in (torch.float16, torch.bfloat16)) else torch.float16
-    dtype = _DTYPES[dtype] if isinstance(dtype, str) else dtype
-    if dtype not in _DTYPES.values():
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    if vllm and dtype == torch.float32:
-        raise ValueError("vLLM serves LoRA in fp16 / bf16: use dtype float16 or bfloat16 with vllm=True")
 
     with torch.no_grad():
         layers = compressed_layers(model)
