@@ -183,3 +183,15 @@ def test_cli_compress_lora(tmp_path):
     assert "smaller" in r.output and (tmp_path / "d" / "delta.safetensors").is_file()
     r = CliRunner().invoke(main, ["compress-lora", str(tmp_path / "base"), str(tmp_path / "base"), str(tmp_path / "e")])
     assert r.exit_code == 1 and "not a PEFT adapter" in r.output
+
+
+def test_lora_train_writes_a_peft_adapter(tmp_path):
+    """The trainer behind assets/lora (two tiny steps here): a PEFT adapter with no machine-specific path."""
+    from deltacome_ao.evaluation.lora_train import LoraRecipe, train_lora
+
+    model, facts = train_lora(LoraRecipe(steps=2, batch=4), tmp_path / "a", progress=False)
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "assets/pairs/llama-arith/base" and config["r"] == 16
+    adapter = read_adapter(tmp_path / "a")
+    assert len(adapter.modules) == 4 * 7 + 1 and not adapter.saved  # lm_head's base weight not copied
+    assert facts["recipe"]["steps"] == 2 and 0.0 <= facts["accuracy_200_heldout"] <= 1.0
