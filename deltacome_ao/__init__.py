@@ -39,6 +39,9 @@ _PUBLIC = {
     "BaseMismatchError": "fingerprint",
     "CheckpointMismatchError": "checkpoint",
     "MultiDeltaModel": "serving",
+    "unload": "restore",
+    "export_lora": "lora",
+    "compress_lora": "lora",
 }
 
 __all__ = sorted(_PUBLIC)

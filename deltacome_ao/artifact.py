@@ -63,6 +63,8 @@ from .format import (
     verify_artifact,
     weight_key,
 )
+from .hub import CARD_NAME, base_reference, model_card, resolve_delta_dir
+from .restore import LoadRecord, remember, unload
 from .version import __version__
 
 __all__ = [
@@ -75,6 +77,7 @@ __all__ = [
     "read_delta_config",
     "verify_artifact",
     "DeltaCoMeModel",
+    "unload",
     "BaseMismatchError",
     "DeltaFormatError",
     # kept importable from here (their home is format.py / compress.py)
@@ -101,6 +104,9 @@ def save_delta(
     config: Optional[DeltaCoMeConfig] = None,
     metadata: Optional[Mapping[str, Any]] = None,
     overwrite: bool = False,
+    base_model_name_or_path: Optional[str] = None,
+    base_revision: Optional[str] = None,
+    model_card: bool = True,
 ) -> Path:
     """Write the delta of the compressed `model` to `out_dir` (atomically) and return its path.
 
@@ -112,6 +118,11 @@ def save_delta(
         compressed layers only — exactly the base tensors the loaded model then depends on.
     config: the `DeltaCoMeConfig` used (recorded: method, alpha, group size, allocation).
     metadata: any JSON-serialisable mapping, stored under "user".
+    base_model_name_or_path, base_revision: the base's Hub id (or path) and revision, recorded in
+        delta_config.json and the model card; by default what `base` says about itself
+        (`hub.base_reference`: a transformers model's `config._name_or_path` / `_commit_hash`, a
+        directory's path), None when unknown.
+    model_card: also write README.md, a Hub model card (base_model, method, alpha, measured bytes).
 
     Raises ValueError (no compressed layer), `BaseMismatchError` (the base is not the one the layers
     were built on), FileExistsError (`out_dir` exists and not `overwrite`).
@@ -124,6 +135,7 @@ def save_delta(
         raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
     if isinstance(base, DeltaCoMeConfig):
         config, base = base, base.base
+    base_name, base_revision = base_reference(base, base_model_name_or_path, base_revision)
     weight_keys = {weight_key(n): n for n in layers}
     state, model_aliases = unaliased(
         (k, v) for k, v in model.state_dict(keep_vars=False).items() if k not in weight_keys
@@ -144,6 +156,7 @@ def save_delta(
         layers={name: w.spec() for name, w in layers.items()}, tensors=tensors, kept=kept,
         aliases=dict(model_aliases), fingerprint=fp, model_dtype=next((p.dtype for p in model.parameters()), torch.float32),
         model_config=model_config(getattr(model, "config", None)), config=config, metadata=metadata,
+        base_model_name_or_path=base_name, base_revision=base_revision, card=model_card,
     ).write(out, overwrite)
     return out
 
@@ -194,6 +207,9 @@ class DeltaArtifact:
     model_config: Optional[dict] = None
     config: Optional[DeltaCoMeConfig] = None
     metadata: Optional[Mapping[str, Any]] = None
+    base_model_name_or_path: Optional[str] = None  # the base's Hub id or path (hub.base_reference)
+    base_revision: Optional[str] = None
+    card: bool = True  # also write README.md (hub.model_card)
 
     def document(self) -> dict:
         """The `delta_config.json` content: the fields below, the dtype, shape and sha256 of every
@@ -216,6 +232,9 @@ class DeltaArtifact:
             "model_config": self.model_config,
             "user": dict(self.metadata) if self.metadata is not None else None,
             "integrity": {"tensors": {name: tensor_record(t) for name, t in sorted(tensors.items())}},
+            # optional (absent in artifacts written before them): which base, for people and the Hub
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "base_revision": self.base_revision,
         }
         # the digest is over what a reader parses (JSON turns tuples into lists, keys into strings)
         document = json.loads(json.dumps(document, allow_nan=True))
@@ -237,13 +256,16 @@ class DeltaArtifact:
             (tmp / CONFIG_NAME).write_text(text)
             save_file(tensors, str(tmp / WEIGHTS_NAME),
                       metadata={"format": "pt", "deltacome": FORMAT, "format_version": str(FORMAT_VERSION)})
+            if self.card:
+                sizes = {n: (tmp / n).stat().st_size for n in (WEIGHTS_NAME, CONFIG_NAME)}
+                (tmp / CARD_NAME).write_text(model_card(document, Path(out).name, sizes), encoding="utf-8")
 
         write_dir_atomic(Path(out), fill, overwrite)
         return document
 
 
 def delta_size(delta_dir: str | os.PathLike) -> int:
-    """Bytes on disk of the artifact (both files, safetensors header and JSON included)."""
+    """Bytes on disk of the artifact directory (safetensors header, JSON and model card included)."""
     path = Path(delta_dir)
     read_delta_config(path)
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
@@ -285,8 +307,14 @@ def set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
         raise BaseMismatchError(f"{name}: the base model has no such parameter or buffer")
 
 
-def load_delta(base_model: torch.nn.Module, delta_dir: str | os.PathLike, verify: str = "full") -> torch.nn.Module:
+def load_delta(base_model: torch.nn.Module, delta_dir: str | os.PathLike, verify: str = "full", *,
+               revision: Optional[str] = None, keep_originals: bool = True) -> torch.nn.Module:
     """Put the delta in `delta_dir` onto `base_model` (in place) and return it.
+
+    delta_dir: a local artifact directory, or a Hub repo id `org/name` (fetched at `revision` with
+    `huggingface_hub.snapshot_download`, cache and `HF_HUB_OFFLINE` honoured; `hub.resolve_delta_dir`).
+    keep_originals: keep the objects the load replaces, so that `unload(model)` returns the base
+    bit-exactly (`restore.py`; costs the size of the replaced kept tensors).
 
     verify: how much is hashed. "full": every byte of the base tensors the delta depends on (against
     the fingerprint) and every stored tensor of the artifact (against its recorded sha256), plus the
@@ -302,7 +330,7 @@ def load_delta(base_model: torch.nn.Module, delta_dir: str | os.PathLike, verify
     """
     if verify not in VERIFY_LEVELS:
         raise ValueError(f"verify must be one of {VERIFY_LEVELS}, got {verify!r}")
-    path = Path(delta_dir)
+    path = resolve_delta_dir(delta_dir, revision)
     document = read_delta_config(path, verify=verify)
     layers: dict[str, dict] = document["layers"]
     aliases: dict[str, str] = document["aliases"]
@@ -337,6 +365,9 @@ def load_delta(base_model: torch.nn.Module, delta_dir: str | os.PathLike, verify
             raise BaseMismatchError(f"{alias}: tied in the delta to {target!r} of shape {tuple(value.shape)}, but the "
                                     f"base model's {alias} has shape {tuple(current.shape)}")
 
+    if keep_originals:
+        originals = {n: get_tensor(base_model, n) for n in [*new, *aliases]}
+        remember(base_model, LoadRecord(str(path), originals, document["base_fingerprint"]))
     # swap in: every value is built and checked; nothing below can fail short of a programming error
     for name, value in new.items():
         set_tensor(base_model, name, value)
@@ -417,18 +448,35 @@ def _warn_config_differences(model: torch.nn.Module, stored: Optional[dict]):
 
 class DeltaCoMeModel:
     """PEFT-style entry point: `DeltaCoMeModel.from_pretrained(base, delta_dir)` returns the base
-    model (loaded from a path if needed) with the delta put on, as a plain transformers model."""
+    model (loaded from a path if needed) with the delta put on, as a plain transformers model;
+    `DeltaCoMeModel.unload(model)` takes it off again (`restore.unload`)."""
+
+    unload = staticmethod(unload)
 
     @staticmethod
-    def from_pretrained(base_model_or_path: Any, delta_dir: str | os.PathLike, verify: str = "full", **kwargs) -> torch.nn.Module:
-        """`base_model_or_path`: an already loaded base `nn.Module` (modified in place) or a local
-        directory / name for `AutoModelForCausalLM.from_pretrained(..., **kwargs)`; the base is then
-        loaded in the dtype the fingerprint records unless `dtype=` is given."""
+    def from_pretrained(base_model_or_path: Any, delta_dir: str | os.PathLike, verify: str = "full", *,
+                        revision: Optional[str] = None, base_revision: Optional[str] = None,
+                        **kwargs) -> torch.nn.Module:
+        """`base_model_or_path`: an already loaded base `nn.Module` (modified in place), a local
+        directory / Hub id for `AutoModelForCausalLM.from_pretrained(..., revision=base_revision,
+        **kwargs)` (loaded in the dtype the fingerprint records unless `dtype=` is given), or None:
+        the base the artifact records (`base_model_name_or_path` at its `base_revision`).
+        `delta_dir`: a local artifact or a Hub repo id `org/name` at `revision` (as PEFT's
+        `PeftModel.from_pretrained(base, adapter_id, revision=...)`)."""
         if isinstance(base_model_or_path, torch.nn.Module):
-            if kwargs:
-                raise TypeError(f"loading options {sorted(kwargs)} only apply when the base is given as a path")
-            return load_delta(base_model_or_path, delta_dir, verify=verify)
+            if kwargs or base_revision is not None:
+                raise TypeError(f"loading options {sorted(kwargs) or ['base_revision']} only apply when the base is "
+                                f"given as a path")
+            return load_delta(base_model_or_path, delta_dir, verify=verify, revision=revision)
+        delta_dir = resolve_delta_dir(delta_dir, revision)
         document = read_delta_config(delta_dir, verify=verify)
+        if base_model_or_path is None:
+            base_model_or_path = document.get("base_model_name_or_path")
+            if not base_model_or_path:
+                raise ValueError(f"{delta_dir} records no base model; pass the base (a model, directory or Hub id)")
+            base_revision = base_revision or document.get("base_revision")
+        if base_revision is not None:
+            kwargs["revision"] = base_revision
         from transformers import AutoModelForCausalLM
 
         if "dtype" not in kwargs:

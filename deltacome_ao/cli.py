@@ -4,6 +4,8 @@
     deltacome inspect DELTA [--png PATH] [--base BASE]
     deltacome eval BASE DELTA [--pair llama-arith | --text-file F [--finetuned DIR]]
     deltacome merge BASE DELTA OUT
+    deltacome export-lora BASE DELTA OUT [--max-rank R] [--vllm]
+    deltacome compress-lora BASE ADAPTER OUT [--alpha 0.0625]
 
 BASE / FINETUNED are local Hugging Face model directories (`save_pretrained` output, safetensors);
 nothing is fetched from a hub. User errors (missing directories, a delta made against another base,
@@ -605,6 +607,94 @@ def merge(base, delta, out, dtype, overwrite):
     write_dir_atomic(out, fill, overwrite)
     click.echo(f"wrote {out}: {len(layers)} layers dequantized, "
                f"{sum(p.numel() for p in model.parameters()):,} parameters")
+
+
+# --- LoRA interoperability (deltacome_ao.lora; docs/lora.md) ---------------------------------------
+
+
+@main.command("export-lora")
+@click.argument("base", type=_dir)
+@click.argument("delta", type=_dir)
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--max-rank", type=click.IntRange(min=1), help="cap per module (vLLM: --max-lora-rank, default 512)")
+@click.option("--rank", type=click.IntRange(min=1), help="rank per module, or the average rank with --allocation global")
+@click.option("--allocation", type=click.Choice(["uniform", "global"]), default="uniform", show_default=True,
+              help="global: spend the parameters of --rank everywhere on the largest singular values across modules")
+@click.option("--selection", type=click.Choice(["svd", "stored"]), default="svd", show_default=True,
+              help="svd: top singular directions of the dequantized delta; stored: the first stored vectors")
+@click.option("--calib", type=click.IntRange(min=0), default=0, show_default=True,
+              help="choose the kept directions in output space from N random windows of --calib-file (0: weight space)")
+@click.option("--calib-file", type=_file, help="text for --calib (default: the zoo's corpus, Python stdlib source)")
+@click.option("--calib-len", type=click.IntRange(min=2), default=128, show_default=True)
+@click.option("--embeddings", type=click.Choice(["full", "lora", "drop"]),
+              help="embedding / lm_head deltas: modules_to_save (PEFT default), LoRA targets (--vllm default) or drop")
+@click.option("--embedding-rank", type=click.IntRange(min=1), help="rank of embedding / lm_head LoRA targets")
+@click.option("--vllm", is_flag=True, help="an adapter vLLM loads as-is: one r, no modules_to_save, no LoRA bias, fp16/bf16")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
+              help="of the LoRA factors (default: the model's; fp16 with --vllm)")
+@click.option("--verify", type=click.Choice(["full", "sample", "none"]), default="full", show_default=True)
+@click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
+@_user_errors
+def export_lora_command(base, delta, out, max_rank, rank, allocation, selection, calib, calib_file, calib_len,
+                        embeddings, embedding_rank, vllm, dtype, verify, overwrite):
+    """Write the delta artifact DELTA of BASE as a PEFT LoRA adapter OUT (PEFT / vLLM load it as-is)."""
+    from .lora import export_lora
+
+    if out.exists() and not overwrite:
+        raise click.ClickException(f"{out} exists; pass --overwrite to replace it")
+    if calib_file is not None and not calib:
+        raise click.UsageError("--calib-file is used only with --calib N (N > 0)")
+    base_model = _load(base)
+    calibration = None
+    if calib:
+        if calib_file is None:
+            from .calibrate import stdlib_text
+
+            text = stdlib_text().decode("utf-8", errors="replace")
+        else:
+            text = calib_file.read_text(encoding="utf-8", errors="replace")
+        calibration = [text_windows(encode_text(text, base, base_model.config), calib, calib_len)]
+    report = export_lora(base_model, delta, out, rank=rank, max_rank=max_rank, allocation=allocation,
+                         selection=selection, calibration=calibration, embeddings=embeddings,
+                         embedding_rank=embedding_rank, vllm=vllm, dtype=dtype, verify=verify, overwrite=overwrite)
+    ranks = sorted({m["rank"] for m in report["modules"].values()})
+    click.echo(f"wrote {out}: {report['target']} LoRA adapter, r={report['r']}, {report['dtype']}, "
+               f"{report['bytes']['adapter']:,} bytes of tensors (packed delta: {report['bytes']['delta_artifact']:,})")
+    click.echo(f"  {len(report['modules'])} linear modules, ranks {ranks[0]}..{ranks[-1]}; relative error of the "
+               f"linear deltas {report['linear_rel_error']:.3g}" if ranks else "  no linear module")
+    if report["modules_to_save"]:
+        click.echo(f"  modules_to_save: {', '.join(report['modules_to_save'])}")
+    lora_dense = {n: e for n, e in report["dense"].items() if e.get("as") == "lora"}
+    for n, e in lora_dense.items():
+        click.echo(f"  {n}: LoRA rank {e['rank']}, relative error {e['rel_error']:.3g}")
+    if report["not_represented"]:
+        click.echo(f"  not represented ({len(report['not_represented'])}): {', '.join(report['not_represented'])}")
+    click.echo(f"  details: {out / 'deltacome_lora.json'}")
+
+
+@main.command("compress-lora")
+@click.argument("base", type=_dir)
+@click.argument("adapter", type=_dir)
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--alpha", type=float, default=1 / 16, show_default="0.0625", help="delta bytes / fp16 bytes of each matrix")
+@click.option("--method", type=MethodName(), default="deltacome", show_default=True)
+@click.option("--allocation", type=click.Choice(["paper", "optimal"]), default="paper", show_default=True)
+@click.option("--group-size", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True, help="base load dtype (auto: as saved)")
+@click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
+@_user_errors
+def compress_lora_command(base, adapter, out, alpha, method, allocation, group_size, dtype, overwrite):
+    """Compress the PEFT LoRA adapter ADAPTER of BASE into the delta artifact OUT."""
+    from .artifact import read_delta_config
+    from .lora import compress_lora
+
+    if out.exists() and not overwrite:
+        raise click.ClickException(f"{out} exists; pass --overwrite to replace it")
+    report = compress_lora(_load(base, dtype), adapter, out, alpha=alpha, method=method, allocation=allocation,
+                           group_size=group_size, overwrite=overwrite)
+    click.echo(_summary(read_delta_config(out), out))
+    click.echo(f"adapter {adapter}: {report['adapter_file_bytes']:,} bytes ({', '.join(report['adapter_dtypes'])}) -> "
+               f"{report['artifact_bytes']:,} bytes on disk ({report['adapter_file_bytes'] / max(report['artifact_bytes'], 1):.1f}x smaller)")
 
 
 if __name__ == "__main__":

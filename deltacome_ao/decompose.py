@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DeltaSVD", "weight_delta", "delta_svd"]
+__all__ = ["DeltaSVD", "weight_delta", "delta_svd", "product_svd"]
 
 # Randomized SVD pays off only when the kept rank is well below the full rank.
 _RANDOMIZED_MAX_FRACTION = 0.25
@@ -79,3 +79,22 @@ def delta_svd(
     U, S, Vh = U[:, :k], S[:k], Vh[:k]
     keep = int((S > S[0] * full * torch.finfo(torch.float32).eps).sum()) if S.numel() else 0
     return DeltaSVD(U[:, :keep].contiguous(), S[:keep].contiguous(), Vh[:keep].contiguous())
+
+
+def product_svd(left: torch.Tensor, right: torch.Tensor) -> DeltaSVD:
+    """The exact SVD of `left @ right` ((m, k) @ (k, n)) without forming the (m, n) product: QR of
+    both factors, then the SVD of the (k, k) core (in float64). O((m + n) k²) instead of O(m n min(m, n)):
+    a rank-k LoRA product or a low-rank delta is re-decomposed cheaply and exactly. Singular values
+    that are zero to fp32 precision are dropped, as in `delta_svd`."""
+    if left.ndim != 2 or right.ndim != 2 or left.shape[1] != right.shape[0]:
+        raise ValueError(f"product_svd needs (m, k) and (k, n) factors, got {tuple(left.shape)} and {tuple(right.shape)}")
+    m, k = left.shape
+    n = right.shape[1]
+    if k == 0 or not torch.any(left) or not torch.any(right):
+        return DeltaSVD(left.new_zeros(m, 0).float(), left.new_zeros(0).float(), left.new_zeros(0, n).float())
+    ql, rl = torch.linalg.qr(left.double())
+    qr_, rr = torch.linalg.qr(right.double().T)
+    u, s, vh = torch.linalg.svd(rl @ rr.T)
+    keep = int((s > s[0] * min(m, n) * torch.finfo(torch.float32).eps).sum())
+    return DeltaSVD((ql @ u[:, :keep]).float().contiguous(), s[:keep].float().contiguous(),
+                    (vh[:keep] @ qr_.T).float().contiguous())

@@ -381,6 +381,8 @@ def check_document(document: Any, where: Any, verify: str = "full") -> dict:
     _check_field(document, "model_config", lambda v: v is None or isinstance(v, dict), "an object or null", where)
     _check_field(document, "user", lambda v: v is None or isinstance(v, dict), "an object or null", where)
     _check_field(document, "method_options", lambda v: isinstance(v, dict), "an object", where)
+    for field in ("base_model_name_or_path", "base_revision"):
+        _check_field(document, field, lambda v: v is None or isinstance(v, str), "a string or null", where)
     _check_field(document, "bytes", lambda v: isinstance(v, dict) and all(
         _is_int(v.get(k)) and v.get(k) >= 0 for k in ("compressed", "kept")),
         "an object {compressed: int, kept: int}", where)

@@ -35,6 +35,7 @@ from .checkpoint import BaseWeights, CheckpointMismatchError, check_pair, few, s
 from .config import DeltaCoMeConfig
 from .fingerprint import fingerprint, same, tensor_entry
 from .format import CONFIG_NAME, SEP, WEIGHTS_NAME, model_config as config_fields
+from .hub import base_reference
 from .recipes import Recipe, recipe_for
 
 __all__ = ["compress_streaming", "CheckpointMismatchError", "checkpoint_files", "linear_weight_names"]
@@ -133,6 +134,8 @@ def compress_streaming(
     strict: bool = True,
     metadata: Optional[Mapping[str, Any]] = None,
     overwrite: bool = False,
+    base_model_name_or_path: Optional[str] = None,
+    base_revision: Optional[str] = None,
     **options: Any,
 ) -> dict:
     """Compress the fine-tuned checkpoint against the base checkpoint into the delta artifact `out_dir`.
@@ -143,6 +146,8 @@ def compress_streaming(
     strict: the two checkpoints must hold the same tensor names (else `CheckpointMismatchError`);
         with `strict=False` fine-tuned-only tensors are kept as they are, as `save_delta` does.
     metadata: stored under "user" in `delta_config.json`.
+    base_model_name_or_path, base_revision: recorded for the base (default: `base_dir`, or the repo
+        id and commit of a Hub cache snapshot directory; `hub.base_reference`).
 
     Everything checkable from the headers (names, shapes, model type, an existing `out_dir`) is
     checked before any work; nothing is written until the end, atomically, so an error leaves no
@@ -218,6 +223,8 @@ def compress_streaming(
         fingerprint=fingerprint(entries, model_type, complete=True),
         model_dtype=model_dtype if model_dtype is not None else torch.float32,
         model_config=config_fields(model_config), config=config, metadata=metadata,
+        **dict(zip(("base_model_name_or_path", "base_revision"),
+                   base_reference(base_dir, base_model_name_or_path, base_revision))),
     ).write(out, overwrite)
     del tensors, kept
     return {

@@ -87,7 +87,7 @@ def pair():
 def test_round_trip_is_bit_exact(pair, tmp_path):
     base, ft, config = pair
     out = save_delta(ft, tmp_path / "delta", base=base, config=config, metadata={"task": "unit"})
-    assert sorted(os.listdir(out)) == ["delta.safetensors", "delta_config.json"]
+    assert sorted(os.listdir(out)) == ["README.md", "delta.safetensors", "delta_config.json"]  # README: the model card
 
     fresh = copy.deepcopy(base)
     base_q = fresh.model.layers[0].self_attn.q_proj.weight

@@ -29,7 +29,7 @@ from ..allocate import (
     optimal_allocation,
     vector_cost_bits,
 )
-from ..decompose import delta_svd, weight_delta
+from ..decompose import DeltaSVD, delta_svd, weight_delta
 from ..delta_tensor import DeltaTensor, is_plain
 from ..factors import PackedFactors, low_rank_term, split_bands
 from ..gptq import gptq_input_groups, gptq_output_groups
@@ -37,7 +37,7 @@ from . import register_method
 from ..ops import delta_linear, delta_only_linear
 from ..quantize import dequantize_rows, quantize_rows
 
-__all__ = ["MixedPrecisionDeltaTensor", "BudgetTooSmallError", "SVDDeltaOptions", "compress_factors"]
+__all__ = ["MixedPrecisionDeltaTensor", "BudgetTooSmallError", "SVDDeltaOptions", "compress_factors", "svd_options"]
 
 aten = torch.ops.aten
 
@@ -79,11 +79,20 @@ class SVDDeltaOptions:
     target_correction: bool = False
 
 
-def compress_factors(delta: torch.Tensor, options: SVDDeltaOptions, name: str = "weight",
-                     hessian: Optional[torch.Tensor] = None, device=None) -> PackedFactors:
-    """The packed factors of one fp32 (out, in) delta (the whole offline pipeline of `from_hp`)."""
+def compress_factors(delta: Optional[torch.Tensor], options: SVDDeltaOptions, name: str = "weight",
+                     hessian: Optional[torch.Tensor] = None, device=None, svd: Optional[DeltaSVD] = None) -> PackedFactors:
+    """The packed factors of one fp32 (out, in) delta (the whole offline pipeline of `from_hp`).
+
+    svd: the delta's SVD when the caller already has it exactly (e.g. `decompose.product_svd` of a
+    LoRA's factors: no dense delta needed); `delta` may then be None (not with target_correction)."""
     o = options
-    out_features, in_features = delta.shape
+    if svd is not None:
+        if delta is None and o.target_correction and hessian is not None:
+            raise ValueError(f"{name}: target_correction needs the dense delta")
+        out_features, in_features = svd.U.shape[0], svd.Vh.shape[1]
+    else:
+        out_features, in_features = delta.shape
+    nonzero = bool(svd.S.numel()) if svd is not None else bool(torch.any(delta))
     if o.allocation not in ("paper", "optimal"):
         raise ValueError(f"unknown allocation {o.allocation!r}; use 'paper' or 'optimal'")
     if hessian is not None and tuple(hessian.shape) != (in_features, in_features):
@@ -94,11 +103,11 @@ def compress_factors(delta: torch.Tensor, options: SVDDeltaOptions, name: str = 
             if b != 0:
                 vector_cost_bits(b, out_features, in_features, o.group_size)  # validates the width
         max_rank = max_candidate_vectors(out_features, in_features, o.alpha, o.candidates, o.group_size)
-        if max_rank == 0 and torch.any(delta):
+        if max_rank == 0 and nonzero:
             raise _budget_error(name, o, out_features, in_features, [b for b in o.candidates if b])
     elif o.bands is None:
         chosen = allocate(out_features, in_features, o.alpha, o.schedule, o.group_size)
-        if not chosen and torch.any(delta):
+        if not chosen and nonzero:
             raise _budget_error(name, o, out_features, in_features, [b for b, _ in o.schedule])
         max_rank = sum(b.count for b in chosen)
     else:
@@ -106,7 +115,11 @@ def compress_factors(delta: torch.Tensor, options: SVDDeltaOptions, name: str = 
         for b in chosen:
             vector_cost_bits(b.bits, out_features, in_features, o.group_size)  # validates the width
         max_rank = sum(b.count for b in chosen)
-    svd_out = delta_svd(delta, rank=max_rank, method=o.svd)
+    if svd is None:
+        svd_out = delta_svd(delta, rank=max_rank, method=o.svd)
+    else:
+        k = min(max_rank, svd.rank)
+        svd_out = DeltaSVD(svd.U[:, :k], svd.S[:k], svd.Vh[:k])
     u_rows, s, v_rows = svd_out.U.T, svd_out.S, svd_out.Vh
     # Scale each singular vector to max |x| = 1 so group scales stay in fp16's normal range.
     u_max = u_rows.abs().amax(dim=1).clamp_min(1e-30) if s.numel() else s
@@ -312,23 +325,36 @@ def _(func, types, args, kwargs):
 
 # --- the methods this tensor stores ------------------------------------------------------------------
 
-
-def _svd_compress(schedule_of):
-    def compress(finetuned, base, config, *, name="weight", hessian=None):
-        return MixedPrecisionDeltaTensor.from_hp(
-            finetuned, base, name=name, hessian=hessian, alpha=config.alpha, schedule=schedule_of(config),
-            bands=config.bands, group_size=config.group_size, svd=config.svd, allocation=config.allocation,
-            candidates=tuple(config.candidates), damp=config.damp, act_order=config.act_order,
-            target_correction=config.target_correction,
-        )
-    return compress
+_SCHEDULES = {
+    "deltacome": lambda c: PAPER_SCHEDULE,
+    "single": lambda c: ((c.single_bits, None),),
+    "lowrank": lambda c: ((FP16_BITS, None),),
+}
 
 
-register_method("deltacome", MixedPrecisionDeltaTensor, _svd_compress(lambda c: PAPER_SCHEDULE), calibrated=True,
+def svd_options(config) -> SVDDeltaOptions:
+    """The per-matrix options a `DeltaCoMeConfig` of one of this file's methods means (for callers
+    that bring their own SVD to `compress_factors`, e.g. a LoRA adapter's exact one)."""
+    if config.method not in _SCHEDULES:
+        raise ValueError(f"method {config.method!r} does not store mixed-precision singular vectors")
+    return SVDDeltaOptions(
+        alpha=config.alpha, schedule=_SCHEDULES[config.method](config), bands=config.bands,
+        group_size=config.group_size, svd=config.svd, allocation=config.allocation,
+        candidates=tuple(config.candidates), damp=config.damp, act_order=config.act_order,
+        target_correction=config.target_correction,
+    )
+
+
+def _svd_compress(finetuned, base, config, *, name="weight", hessian=None):
+    return MixedPrecisionDeltaTensor.from_hp(finetuned, base, name=name, hessian=hessian,
+                                             **vars(svd_options(config)))
+
+
+register_method("deltacome", MixedPrecisionDeltaTensor, _svd_compress, calibrated=True,
                 allocations=("paper", "optimal"), description="Delta-CoMe: 8/3/2-bit singular vectors (or optimal widths)")
-register_method("single", MixedPrecisionDeltaTensor, _svd_compress(lambda c: ((c.single_bits, None),)),
+register_method("single", MixedPrecisionDeltaTensor, _svd_compress,
                 calibrated=True, description="every kept singular vector at single_bits")
-register_method("lowrank", MixedPrecisionDeltaTensor, _svd_compress(lambda c: ((FP16_BITS, None),)),
+register_method("lowrank", MixedPrecisionDeltaTensor, _svd_compress,
                 calibrated=True, description="top singular vectors in fp16")
 
 MixedPrecisionDeltaTensor.__module__ = "deltacome_ao"

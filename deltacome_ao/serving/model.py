@@ -20,7 +20,7 @@ import copy
 import itertools
 import os
 import threading
-from typing import Union
+from typing import Mapping, Optional, Union
 
 import torch
 
@@ -29,6 +29,8 @@ from ..checkpoint import few
 from ..compress import compressed_layers
 from ..fingerprint import same
 from ..format import read_delta_config
+from ..hub import resolve_delta_dir
+from .controls import deltas_disabled, disable_deltas, weighted_artifact
 from .layers import MultiDeltaLayer, wrap_module, wrapper_class
 from .routing import BASE, DeltaInUseError, Routing, UnknownDeltaError, UnsupportedDeltaError, routing
 
@@ -79,6 +81,8 @@ class MultiDeltaModel(torch.nn.Module):
         self._next_id = itertools.count()
         # plain modules sharing the base's tensors (not a registered submodule: no duplicate state)
         object.__setattr__(self, "_skeleton", _structural_copy(base))
+        self._documents: dict[str, dict] = {}  # delta_config.json of each loaded delta (add_weighted_delta)
+        self._originals: dict[str, torch.nn.Module] = {}  # base modules replaced by multi-delta ones (unload)
 
     # --- registry ---
 
@@ -89,10 +93,13 @@ class MultiDeltaModel(torch.nn.Module):
     def multi_modules(self) -> dict[str, torch.nn.Module]:
         return {n: m for n, m in self.model.named_modules() if isinstance(m, MultiDeltaLayer)}
 
-    def load_delta(self, name: str, delta_dir: Union[str, os.PathLike], verify: str = "full") -> int:
+    def load_delta(self, name: str, delta_dir: Union[str, os.PathLike], verify: str = "full", *,
+                   revision: Optional[str] = None) -> int:
         """Read the artifact at `delta_dir` (format and base fingerprint checked by
         `artifact.load_delta`), register it under `name` in every layer it touches, return its id.
+        `delta_dir` may be a Hub repo id `org/name` (at `revision`; `hub.resolve_delta_dir`).
         Nothing changes if it fails."""
+        delta_dir = resolve_delta_dir(delta_dir, revision)
         if not isinstance(name, str) or not name:
             raise ValueError("a delta name must be a non-empty string")
         with self._lock:
@@ -122,6 +129,7 @@ class MultiDeltaModel(torch.nn.Module):
                 raise
             self._ids[name] = delta_id
             self._pins[delta_id] = 0
+            self._documents[name] = document
             return delta_id
 
     def _plan(self, loaded: torch.nn.Module, document: dict):
@@ -165,6 +173,8 @@ class MultiDeltaModel(torch.nn.Module):
         for other, delta_id in self._ids.items():
             wrapped.add_delta(other, delta_id=delta_id)
         owner, leaf = _split(module_name)
+        if wrapped is not current:
+            self._originals.setdefault(module_name, current)
         setattr(self.model.get_submodule(owner) if owner else self.model, leaf, wrapped)
         return wrapped
 
@@ -181,6 +191,7 @@ class MultiDeltaModel(torch.nn.Module):
                     "call(s); unload it when they finish")
             del self._ids[name]
             del self._pins[delta_id]
+            self._documents.pop(name, None)
             for module in self.multi_modules().values():
                 if name in module.delta_ids():
                     module.remove(name)
@@ -215,6 +226,8 @@ class MultiDeltaModel(torch.nn.Module):
         bad = sorted({int(i) for i in ids.tolist() if i != BASE and i not in known.values()})
         if bad:
             raise UnknownDeltaError(f"unknown delta id(s) {bad}; loaded: {known} ({BASE} = base)")
+        if deltas_disabled(self):  # inside disable_deltas(): every row runs the base
+            ids = torch.full_like(ids, BASE)
         return ids
 
     @contextlib.contextmanager
@@ -257,3 +270,52 @@ class MultiDeltaModel(torch.nn.Module):
             ids = ids.repeat_interleave(expand)
         with self.route(ids):
             return self.model.generate(input_ids, **kwargs)
+
+    # --- PEFT-style controls (controls.py) ---
+
+    def disable_deltas(self):
+        """Context manager: inside it every row runs the base; the deltas stay loaded (PEFT's
+        `disable_adapter()`). Per thread / task, like the routing."""
+        return disable_deltas(self)
+
+    def add_weighted_delta(self, name: str, weights: Mapping[str, float], *, out_dir: Optional[Union[str, os.PathLike]] = None,
+                           method: Optional[str] = None, alpha: Optional[float] = None, group_size: Optional[int] = None,
+                           allocation: Optional[str] = None) -> int:
+        """Register `name` = Σ wᵢ · delta `i` of loaded deltas ({name: weight}): per layer the
+        weighted sum of their dense deltas, re-compressed with the sources' method / alpha / group
+        size (or the ones given) — the SVD of the weighted sum; kept tensors combined as
+        `base + Σ wᵢ (tensorᵢ − base)`. The artifact is written to `out_dir` (kept) or a temporary
+        directory. Returns the new delta's id."""
+        import tempfile
+
+        with self._lock:
+            if name in self._ids:
+                raise ValueError(f"a delta named {name!r} is already loaded; unload it first")
+            documents = {n: self._documents[n] for n in weights if n in self._documents}
+            missing = sorted(set(weights) - set(self._ids))
+            if missing:
+                raise UnknownDeltaError(f"no delta named {missing}; loaded: {sorted(self._ids)}")
+            layers = self.multi_modules()
+        options = dict(method=method, alpha=alpha, group_size=group_size, allocation=allocation)
+        if out_dir is not None:
+            path = weighted_artifact(layers, self._skeleton, documents, weights, out_dir, **options)
+            return self.load_delta(name, path, verify="none")
+        with tempfile.TemporaryDirectory(prefix="deltacome-weighted-") as tmp:
+            path = weighted_artifact(layers, self._skeleton, documents, weights, os.path.join(tmp, name), **options)
+            return self.load_delta(name, path, verify="none")
+
+    def unload(self) -> torch.nn.Module:
+        """Remove every delta and every multi-delta layer; return the base model with its original
+        modules and tensors (PEFT's `unload()`). Raises `DeltaInUseError` while a routed forward runs."""
+        with self._lock:
+            busy = {d: n for d, n in self._pins.items() if n}
+            if busy:
+                raise DeltaInUseError(f"deltas {sorted(busy)} are used by running forward/generate calls; unload later")
+            for module_name, original in sorted(self._originals.items(), key=lambda kv: -kv[0].count(".")):
+                owner, leaf = _split(module_name)
+                setattr(self.model.get_submodule(owner) if owner else self.model, leaf, original)
+            self._originals.clear()
+            self._ids.clear()
+            self._pins.clear()
+            self._documents.clear()
+            return self.model
