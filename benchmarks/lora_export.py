@@ -77,7 +77,7 @@ def load_adapter(base, adapter):
     return PeftModel.from_pretrained(copy.deepcopy(base), str(adapter)).eval()
 
 
-def run_pair(pair: str, n_problems: int, tmp: Path) -> dict:
+def run_pair(pair: str, n_problems: int, tmp: Path, ranks=RANKS, selections: bool = True) -> dict:
     torch.manual_seed(0)
     base, finetuned = load_pair(pair)
     task = PAIRS[pair].task
@@ -92,7 +92,7 @@ def run_pair(pair: str, n_problems: int, tmp: Path) -> dict:
                            "fine-tuned": measure(finetuned, compressed, task, batches, n_problems),
                            "deltacome": measure(compressed, compressed, task, batches, n_problems)}}
     scaled = {r: max(1, round(r * hidden / LLAMA_7B_HIDDEN)) for r in RANKS if r is not None}
-    caps = [("abs", r, r) for r in RANKS] + [("scaled", r, scaled[r]) for r in RANKS if r is not None]
+    caps = [("abs", r, r) for r in ranks] + [("scaled", r, scaled[r]) for r in ranks if r is not None]
 
     calibration = calibration_batches(task)  # 128 training problems (never the held-out ones)
 
@@ -121,7 +121,7 @@ def run_pair(pair: str, n_problems: int, tmp: Path) -> dict:
     for cap_kind, cap_label, cap in caps:
         for config in CONFIGS:
             row(config, cap_kind, cap_label, cap)
-    for label in (256, 512):
+    for label in (256, 512) if selections else ():
         for how, options in SELECTIONS.items():
             row("peft-full", "scaled", label, scaled[label], how=how, **options)
     return entry
@@ -170,6 +170,9 @@ def write_docs(text: str, path: Path) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="llama-arith only, no docs")
+    p.add_argument("--smoke", action="store_true",
+                   help="CPU check mode: llama-arith, 8 problems, ranks 512 and full, no selection rules; JSON to "
+                        "$TMPDIR/deltacome-benchmarks/lora-export.json, no docs")
     p.add_argument("--pairs", nargs="+", default=None, choices=sorted(PAIRS))
     p.add_argument("--problems", type=int, default=200)
     p.add_argument("--json", type=Path, default=None)
@@ -182,15 +185,20 @@ def main(argv=None) -> None:
                    f"{results['threads']} threads.\n", ROOT / "docs" / "lora.md")
         return
     torch.set_num_threads(2)
+    if args.smoke:
+        args.quick, args.problems = True, 8
+        args.json = args.json or Path(tempfile.gettempdir()) / "deltacome-benchmarks" / "lora-export.json"
     pairs = args.pairs or (["llama-arith"] if args.quick else list(ZOO))
+    ranks = (512, None) if args.smoke else RANKS
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lora-export-") as tmp:
-        results = {"pairs": [run_pair(pair, args.problems, Path(tmp)) for pair in pairs],
+        results = {"pairs": [run_pair(pair, args.problems, Path(tmp), ranks, not args.smoke) for pair in pairs],
                    "alpha": 1 / 16, "torch": torch.__version__, "threads": torch.get_num_threads()}
     results["seconds"] = round(time.perf_counter() - start, 1)
     text = table(results)
     print(text)
     out = args.json or ROOT / "benchmarks" / "results" / f"lora-export{'-quick' if args.quick else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, json.dumps(results, indent=2) + "\n")
     if not args.quick and not args.no_docs:
         write_docs(text + f"\n`python benchmarks/lora_export.py`: {results['seconds']:.0f} s on {results['threads']} threads.\n",

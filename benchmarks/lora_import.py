@@ -100,7 +100,13 @@ def main(argv=None) -> None:
     p.add_argument("--retrain", action="store_true", help="train the adapter again (into assets/lora/llama-json-r16)")
     p.add_argument("--problems", type=int, default=200)
     p.add_argument("--no-docs", action="store_true")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--smoke", action="store_true",
+                   help="CPU check mode: 8 problems, JSON to $TMPDIR/deltacome-benchmarks/lora-import.json, no docs")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.problems, args.no_docs = 8, True
+        args.json = args.json or Path(tempfile.gettempdir()) / "deltacome-benchmarks" / "lora-import.json"
     torch.set_num_threads(2)
     if args.retrain:
         from deltacome_ao.evaluation.lora_train import LoraRecipe, train_lora
@@ -112,7 +118,8 @@ def main(argv=None) -> None:
     results["seconds"] = round(time.perf_counter() - start, 1)
     text = table(results)
     print(text)
-    out = ROOT / "benchmarks" / "results" / "lora-import.json"
+    out = args.json or ROOT / "benchmarks" / "results" / "lora-import.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, json.dumps(results, indent=2) + "\n")
     if not args.no_docs:
         doc_path = ROOT / "docs" / "lora.md"

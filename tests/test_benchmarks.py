@@ -150,6 +150,23 @@ def check_fuzz_artifact(tmp, stdout):
     assert doc["base_modified"] == 0 and counts["clear_error"] > 0, doc
 
 
+def check_lora_export(tmp, stdout):
+    entry = load(tmp, "lora-export.json")["pairs"][0]
+    assert entry["pair"] == "llama-arith" and len(entry["rows"]) == 12
+    full = {r["config"]: r for r in entry["rows"] if r["cap"] is None}
+    assert set(full) == {"vllm-linear", "vllm-emb", "vllm-emb-calib", "peft-full"}
+    assert abs(full["peft-full"]["kl"]) < 1e-6  # PEFT with modules_to_save reproduces the delta at full rank
+    assert full["vllm-linear"]["kl"] > full["vllm-emb"]["kl"]  # dropping the embeddings' delta costs the most
+    assert all(finite(r["accuracy"], r["kl"]) for r in entry["rows"])
+
+
+def check_lora_import(tmp, stdout):
+    rows = {r["label"]: r for r in load(tmp, "lora-import.json")["rows"]}
+    packed = rows["Delta-CoMe 8/3/2, alpha 1/16"]
+    assert packed["compressed_bytes"] and 0 <= packed["kl"] < 1e-3 and packed["accuracy"] == 1.0, packed
+    assert rows["LoRA adapter (PEFT)"]["accuracy"] == 1.0
+
+
 # script, arguments, extra environment (None: remove the variable), check
 CASES = {
     "compressed_base": ("compressed_base.py", ["--quick"], {}, check_compressed_base),
@@ -159,6 +176,8 @@ CASES = {
     "lm_eval_check": ("lm_eval_check.py", ["--quick"], {}, check_lm_eval_check),
     # pure arithmetic, ~1 s: no separate quick mode, only the output moved
     "fuzz_artifact": ("fuzz_artifact.py", ["--quick"], {}, check_fuzz_artifact),
+    "lora_export": ("lora_export.py", ["--smoke"], {}, check_lora_export),
+    "lora_import": ("lora_import.py", ["--smoke"], {}, check_lora_import),
     "memory_table": ("memory_table.py", ["--out", "{tmp}/" + OUT + "/memory-table.json"], {}, check_memory_table),
     "quality": ("quality.py", ["--smoke"], {}, check_quality),
     "serve_demo": ("serve_demo.py", ["--quick"], {}, check_serve_demo),
