@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional
 
 import torch
+from torch.utils._python_dispatch import return_and_correct_aliasing
 from torchao.utils import TorchAOBaseTensor
 
 __all__ = ["DeltaTensor", "DeltaSpecError", "dtype_name", "parse_dtype", "is_plain"]
@@ -71,6 +72,9 @@ class DeltaTensor(TorchAOBaseTensor):
     Shape and dtype are the base weight's: (out_features, in_features), the model dtype.
     """
 
+    # dimensions of the weight: 2 for a matrix, 3 for a stack of expert matrices (`stack`)
+    spec_ndim = 2
+
     # --- what a kind provides ---------------------------------------------------------------------
 
     @classmethod
@@ -94,6 +98,20 @@ class DeltaTensor(TorchAOBaseTensor):
         """The delta as `factors.PackedFactors` when the kind stores it that way (then serving batches
         it through the segmented kernel), else None (served through `delta_term`)."""
         return None
+
+    def transposed(self) -> "DeltaTensor":
+        """`Wᵀ` as a weight of the same kind (optional): what `w.t()`, `w.T` and the `x @ w` / `addmm`
+        forms of transformers' `Conv1D` and of `x @ self.weight.T` layers (Falcon) run through."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot be transposed: layers that multiply by Wᵀ (transformers' Conv1D, "
+            f"`x @ weight.T`) need a kind that implements DeltaTensor.transposed"
+        )
+
+    @classmethod
+    def stack(cls, weights: list) -> "DeltaTensor":
+        """One weight of shape (E, out, in) from E weights of this kind (optional): how stacked expert
+        parameters (transformers' MoE `experts.gate_up_proj`, ...) are stored and served."""
+        raise NotImplementedError(f"{cls.__name__} cannot stack expert matrices")
 
     # --- shared -----------------------------------------------------------------------------------
 
@@ -169,7 +187,7 @@ class DeltaTensor(TorchAOBaseTensor):
         """Raise `DeltaSpecError` if `spec` does not describe a weight of this kind."""
         attributes = cls.attributes_from_spec(spec, where)
         shape = spec.get("shape")
-        if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(d) and d > 0 for d in shape)):
+        if not (isinstance(shape, list) and len(shape) == cls.spec_ndim and all(_is_int(d) and d > 0 for d in shape)):
             raise DeltaSpecError(f"{where}: bad shape {shape!r}")
         parse_dtype(spec.get("dtype"), f"{where}: ")
         if not (_is_int(spec.get("delta_bytes", 0)) and spec.get("delta_bytes", 0) >= 0):
@@ -224,6 +242,11 @@ class DeltaTensor(TorchAOBaseTensor):
             inner.append(t.contiguous())
         return cls(*inner, *cls.attributes_from_spec(spec).values())
 
+    def rlinear(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`x W + b` with this weight used as an (in, out) matrix (transformers' `Conv1D` stores its
+        weight that way; `x @ weight.T` layers multiply by such a view): `linear` of `Wᵀ`."""
+        return self.transposed().linear(x, bias)
+
     def linear(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """`x Wᵀ + b`: the base matmul in the input dtype plus the fp32 delta term, rounded once."""
         y = torch.nn.functional.linear(x, self.base_weight if not is_plain(self.base_weight)
@@ -252,3 +275,53 @@ def _(func, types, args, kwargs):
     base = w.base_weight.to(device=device, dtype=dtype if dtype is not None and dtype.is_floating_point else None)
     moved = [t.to(device) for t in w.delta_tensors().values()]
     return type(w)(base, *moved, *w.attributes.values())
+
+
+# --- a weight used as an (in, out) matrix: Conv1D's addmm, `x @ W.T` -------------------------------------
+
+
+def _is_matrix(w) -> bool:
+    return isinstance(w, DeltaTensor) and w.spec_ndim == 2 and w.dim() == 2
+
+
+@implements([aten.t.default])
+def _(func, types, args, kwargs):
+    return return_and_correct_aliasing(func, args, kwargs, args[0].transposed())
+
+
+@implements([aten.permute.default])
+def _(func, types, args, kwargs):
+    w, dims = args[0], [d % args[0].dim() for d in args[1]]
+    if w.dim() == 2 and dims == [1, 0]:
+        return return_and_correct_aliasing(func, args, kwargs, w.transposed())
+    if w.dim() == 3 and dims == [0, 2, 1]:
+        return return_and_correct_aliasing(func, args, kwargs, w.transposed())
+    raise NotImplementedError(f"{type(w).__name__}: permute{tuple(args[1])} is not supported")
+
+
+@implements([aten.transpose.int])
+def _(func, types, args, kwargs):
+    w = args[0]
+    dims = sorted(d % w.dim() for d in args[1:3])
+    if dims == [w.dim() - 2, w.dim() - 1]:
+        return return_and_correct_aliasing(func, args, kwargs, w.transposed())
+    raise NotImplementedError(f"{type(w).__name__}: transpose{tuple(args[1:3])} is not supported")
+
+
+@implements_torch_function([torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm])
+def _(func, types, args, kwargs):
+    x, w = args[0], args[1]
+    if _is_matrix(w) and not isinstance(x, DeltaTensor):
+        return w.rlinear(x)
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(*args, **kwargs)
+
+
+@implements_torch_function([torch.addmm, torch.Tensor.addmm])
+def _(func, types, args, kwargs):
+    bias, x, w = args[0], args[1], args[2]
+    beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
+    if _is_matrix(w) and not isinstance(x, DeltaTensor) and beta == 1 and alpha == 1 and len(args) == 3:
+        return w.rlinear(x, bias)
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(*args, **kwargs)

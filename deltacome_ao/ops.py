@@ -4,6 +4,8 @@
     delta_only_linear(x, <7 tensors>, bits, counts, out, in, group_size)
                                                        ((x V̂ᵀ) · s) Ûᵀ (the base is a quantized subclass)
     segmented_delta_linear(y, x, rows, <n factors>)    y with each delta's term added on its rows
+    grouped_delta_linear(x, offs, base_weight, <stacked factors>)
+                                                       a stack of expert matrices: x W_eᵀ for the rows of each expert e
 
 `<factors>` is `PackedFactors.op_args()`: the seven tensors, bits, counts, group_size. They are
 registered with `torch.library`, so `torch.compile(fullgraph=True)` treats each as one opaque node.
@@ -19,6 +21,7 @@ import torch
 from .factors import TENSOR_NAMES, PackedFactors, low_rank_term
 
 __all__ = ["delta_linear", "delta_only_linear", "delta_linear_reference", "segmented_delta_linear",
+           "grouped_delta_linear", "grouped_delta_linear_reference", "expert_of_rows",
            "segmented_delta", "segmented_reference", "segmented_delta_linear_reference", "unflatten_segments", "low_rank_term"]
 
 _N = len(TENSOR_NAMES)
@@ -153,3 +156,80 @@ def segmented_delta(y: torch.Tensor, x: torch.Tensor, groups) -> torch.Tensor:
         counts += list(f.counts)
     return segmented_delta_linear(y, x, [r for r, _ in groups], tensors, bits, counts,
                                   [len(f.bits) for _, f in groups], [f.group_size for _, f in groups])
+
+
+# --- a stack of expert matrices (MoE): every expert of a call in one operator -------------------------
+
+
+def expert_of_rows(counts, num_experts: int, device=None) -> torch.Tensor:
+    """The expert of each stored singular vector of a stack whose bands hold every expert's vectors band
+    by band (band b: `counts[b]` vectors of expert 0, then of expert 1, ...), as a (E·Σcounts,) int64."""
+    experts = torch.arange(num_experts, device=device)
+    parts = [experts.repeat_interleave(int(c)) for c in counts]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
+
+
+def _grouped_base(x: torch.Tensor, base_weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """`x[rows of e] W_base,eᵀ` for every expert e (rows past offs[-1]: zero), one grouped matmul where
+    torch has one for these strides, else a loop over the experts that have rows."""
+    w = base_weight.to(x.dtype).transpose(-2, -1)  # (E, in, out)
+    y = None
+    grouped = getattr(torch.nn.functional, "grouped_mm", None)
+    if grouped is not None:
+        try:
+            y = grouped(x.contiguous(), w, offs=offs.to(torch.int32))
+        except (RuntimeError, NotImplementedError):  # e.g. strides that are not multiples of 16 bytes
+            y = None
+    if y is None:
+        y = x.new_zeros(x.shape[0], w.shape[-1])
+        start = 0
+        for e, end in enumerate(offs.tolist()):
+            if end > start:
+                y[start:end] = x[start:end] @ w[e]
+            start = end
+    end = int(offs[-1]) if offs.numel() else 0
+    if end < x.shape[0]:
+        y[end:] = 0  # rows of no expert (grouped_mm leaves them uninitialised)
+    return y
+
+
+def grouped_delta_linear_reference(x: torch.Tensor, offs: torch.Tensor, base_weight: torch.Tensor,
+                                   factors: PackedFactors) -> torch.Tensor:
+    """Reference of `grouped_delta_linear`. The delta term of every expert comes from one pair of matmuls
+    over all experts' vectors at once (`x V̂ᵀ`, then the vectors of other experts masked out, then
+    `· s Ûᵀ`): no loop over experts; the factors are unpacked once per band for all experts."""
+    num_experts = base_weight.shape[0]
+    y = _grouped_base(x, base_weight, offs)
+    if factors.rank == 0:
+        return y
+    v, ut = factors.dequantize()  # (E·r, in), (E·r, out), band-major
+    sizes = torch.diff(offs.to(torch.long), prepend=offs.new_zeros(1, dtype=torch.long))
+    token_expert = torch.repeat_interleave(torch.arange(num_experts, device=x.device), sizes)
+    if token_expert.numel() < x.shape[0]:
+        token_expert = torch.cat([token_expert, token_expert.new_full((x.shape[0] - token_expert.numel(),), -1)])
+    rows = expert_of_rows([c // num_experts for c in factors.counts], num_experts, x.device)
+    z = (x.float() @ v.T) * factors.s
+    z = z * (token_expert[:, None] == rows[None, :])
+    return (y.float() + z @ ut).to(x.dtype)
+
+
+@torch.library.custom_op("deltacome::grouped_delta_linear", mutates_args=())
+def grouped_delta_linear(
+    x: torch.Tensor, offs: torch.Tensor, base_weight: torch.Tensor,
+    v_packed: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor,
+    u_packed: torch.Tensor, u_scale: torch.Tensor, u_zero: torch.Tensor, s: torch.Tensor,
+    bits: list[int], counts: list[int], group_size: int,
+) -> torch.Tensor:
+    """`x` (S, in) sorted by expert, `offs` (E,) the cumulative row counts (torch.grouped_mm's offsets):
+    rows offs[e-1]:offs[e] get `x W_eᵀ` with `W_e = W_base,e + Û_e diag(s_e) V̂_e`, fp32 inside, one
+    rounding. `base_weight` (E, out, in); the factors are those of a `MixedPrecisionExpertsTensor` (bands
+    holding all experts' vectors band by band; `counts` per expert)."""
+    num_experts, out_features, in_features = base_weight.shape
+    f = _factors((v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s), bits,
+                 [c * num_experts for c in counts], group_size, out_features, in_features)
+    return grouped_delta_linear_reference(x, offs, base_weight, f)
+
+
+@grouped_delta_linear.register_fake
+def _(x, offs, base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s, bits, counts, group_size):
+    return x.new_empty(x.shape[0], base_weight.shape[1])

@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-__all__ = ["Method", "register_method", "get_method", "method_names", "tensor_kinds", "tensor_kind"]
+__all__ = ["Method", "register_method", "register_kind", "get_method", "method_names", "tensor_kinds", "tensor_kind"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ class Method:
 
 
 _METHODS: dict[str, Method] = {}
+_KINDS: dict[str, type] = {}  # stored kinds that belong to no method of their own (e.g. stacked experts)
 
 
 def register_method(name: str, tensor: type, compress: Callable, *, calibrated: bool = False,
@@ -78,9 +79,23 @@ def method_names() -> tuple[str, ...]:
     return tuple(sorted(_METHODS, key=lambda n: (n != "deltacome", n)))
 
 
+def register_kind(tensor: type) -> type:
+    """Make a `DeltaTensor` class readable from artifacts and checkpoints without a method of its own:
+    a kind another kind's `stack` returns (stacked experts). Returns the class."""
+    from ..delta_tensor import DeltaTensor
+
+    if not (isinstance(tensor, type) and issubclass(tensor, DeltaTensor)):
+        raise TypeError(f"register_kind needs a DeltaTensor subclass, got {tensor!r}")
+    old = _KINDS.get(tensor.__name__)
+    if old is not None and old is not tensor:
+        raise ValueError(f"another tensor class named {tensor.__name__} is registered")
+    _KINDS[tensor.__name__] = tensor
+    return tensor
+
+
 def tensor_kinds() -> dict[str, type]:
-    """{tensor class name: class} of every registered method (the names stored in artifacts)."""
-    return {m.tensor.__name__: m.tensor for m in _METHODS.values()}
+    """{tensor class name: class} of every registered method and kind (the names stored in artifacts)."""
+    return {**_KINDS, **{m.tensor.__name__: m.tensor for m in _METHODS.values()}}
 
 
 def tensor_kind(name) -> type:
