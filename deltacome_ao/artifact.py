@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -28,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .checkpoint import BaseWeights, few, unaliased, write_dir_atomic
-from .compress import compressed_layers
+from .compress import compressed_layers, coverage_summary, notify_compressed, uncompressed_reason
 from .config import DeltaCoMeConfig
 from .delta_tensor import DeltaTensor, dtype_name, parse_dtype
 from .fingerprint import (
@@ -50,14 +49,16 @@ from .format import (
     check_spec,
     flatten_state_dict,
     inner_layout,
+    layer_key,
     layer_spec,
     method_fields,
     model_config,
     read_delta_config,
     shell,
+    spec_key,
     stored_names,
-    weight_key,
 )
+from .finetune_config import apply_finetune_config
 from .version import __version__
 
 __all__ = [
@@ -118,14 +119,13 @@ def save_delta(
         raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
     if isinstance(base, DeltaCoMeConfig):
         config, base = base, base.base
-    weight_keys = {weight_key(n): n for n in layers}
-    state, model_aliases = unaliased(
-        (k, v) for k, v in model.state_dict(keep_vars=False).items() if k not in weight_keys
-    )
+    weight_keys = {layer_key(n, w.dim()): n for n, w in layers.items()}
+    state, model_aliases = unaliased(model.state_dict(keep_vars=False).items())  # ties of compressed tables too
+    state = {k: v for k, v in state.items() if k not in weight_keys}
     tensors: dict[str, torch.Tensor] = {}
     for name, w in layers.items():
         for inner, t in w.delta_tensors().items():
-            tensors[f"{weight_key(name)}{SEP}{inner}"] = t.detach().contiguous()
+            tensors[f"{layer_key(name, w.dim())}{SEP}{inner}"] = t.detach().contiguous()
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if base is None:
         kept = dict(state)
@@ -138,8 +138,18 @@ def save_delta(
         layers={name: w.spec() for name, w in layers.items()}, tensors=tensors, kept=kept,
         aliases=dict(model_aliases), fingerprint=fp, model_dtype=next((p.dtype for p in model.parameters()), torch.float32),
         model_config=model_config(getattr(model, "config", None)), config=config, metadata=metadata,
+        coverage=_coverage(model, layers, kept) if base is not None else None,
     ).write(out, overwrite)
     return out
+
+
+def _coverage(model, layers, kept) -> dict:
+    """The coverage section of delta_config.json: the compressed layers and the kept (changed,
+    uncompressed) tensors, each with the reason it is not compressed (`compress.coverage_summary`)."""
+    compressed = {layer_key(n, w.dim()): w.numel() for n, w in layers.items()}
+    skipped = getattr(model, "deltacome_skipped", None)
+    reasons = {k: uncompressed_reason(model, k, skipped) for k in kept}
+    return coverage_summary({**compressed, **{k: v.numel() for k, v in kept.items()}}, compressed, reasons)
 
 
 def _diff_against_base(weights: BaseWeights, layers, weight_keys, state, model_type):
@@ -188,6 +198,7 @@ class DeltaArtifact:
     model_config: Optional[dict] = None
     config: Optional[DeltaCoMeConfig] = None
     metadata: Optional[Mapping[str, Any]] = None
+    coverage: Optional[dict] = None
 
     def document(self) -> dict:
         """The `delta_config.json` content."""
@@ -206,6 +217,7 @@ class DeltaArtifact:
             "base_fingerprint": self.fingerprint,
             "model_config": self.model_config,
             "user": dict(self.metadata) if self.metadata is not None else None,
+            **({"coverage": self.coverage} if self.coverage is not None else {}),
         }
 
     def write(self, out: str | os.PathLike, overwrite: bool = False) -> dict:
@@ -311,12 +323,15 @@ def load_delta(base_model: torch.nn.Module, delta_dir: str | os.PathLike, verify
             if target not in new and get_tensor(base_model, target) is None:
                 raise DeltaFormatError(f"{path / CONFIG_NAME}: alias {alias!r} names {target!r}, which is no tensor")
 
+    # the fine-tune's config (fields that differ from the base's): checked before anything changes
+    apply_config = apply_finetune_config(base_model, document.get("model_config"), where=str(path))
     # swap in: nothing can fail any more short of a programming error
+    apply_config()
     for name, value in new.items():
         set_tensor(base_model, name, value)
     for alias, target in aliases.items():
         set_tensor(base_model, alias, get_tensor(base_model, target))
-    _warn_config_differences(base_model, document.get("model_config"))
+    notify_compressed(base_model, {k: document.get(k) for k in ("method", "alpha", "group_size", "allocation", "calibrated")})
     return base_model
 
 
@@ -324,12 +339,13 @@ def _build(base_model, f, layers: Mapping[str, dict], kept) -> dict[str, torch.T
     """Every new tensor of a load, built before the model changes ({tensor name: value})."""
     new: dict[str, torch.Tensor] = {}
     for name, spec in layers.items():
-        key = weight_key(name)
+        key = spec_key(name, spec)
+        owner, _, leaf = key.rpartition(".")
         try:
-            module = base_model.get_submodule(name)
+            module = base_model.get_submodule(owner)
         except AttributeError:
             raise BaseMismatchError(f"{name}: the base model has no such module") from None
-        w = getattr(module, "weight", None)
+        w = module._parameters.get(leaf)
         if isinstance(w, DeltaTensor):
             raise ValueError(f"{name}: the base model already holds a compressed weight; load the delta onto a plain base")
         if not isinstance(w, torch.Tensor) or list(w.shape) != spec["shape"]:
@@ -344,19 +360,6 @@ def _build(base_model, f, layers: Mapping[str, dict], kept) -> dict[str, torch.T
             raise BaseMismatchError(f"{name}: stored in the delta but the base model has no such tensor")
         new[name] = f.get_tensor(name).to(current.device)
     return new
-
-
-def _warn_config_differences(model: torch.nn.Module, stored: Optional[dict]):
-    current = model_config(getattr(model, "config", None))
-    if stored is None or current is None:
-        return
-    differ = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
-    if differ:
-        warnings.warn(
-            f"the fine-tuned model's config differs from the base's in {few(differ)}; the delta holds tensors "
-            f"only, so the base's values are in effect (see delta_config.json 'model_config')",
-            stacklevel=3,
-        )
 
 
 class DeltaCoMeModel:

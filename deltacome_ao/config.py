@@ -21,7 +21,19 @@ from torchao.quantization.transform_module import register_quantize_module_handl
 
 from .allocate import OPTIMAL_CANDIDATES, SUPPORTED_BITS
 from .checkpoint import BaseWeights
-from .compress import compressed_layers, delta_report, plan_compression, select_layers, walk_modules
+from .compress import (
+    compressed_layers,
+    config_fields,
+    delta_report,
+    matmul_layers,
+    notify_compressed,
+    plan_compression,
+    record_skipped,
+    select_layers,
+    skipped_by_selection as _skipped,
+    swap_in,
+    walk_modules,
+)
 from .delta_tensor import DeltaTensor
 from .methods import get_method, method_names
 from .recipes import Recipe
@@ -47,7 +59,10 @@ class DeltaCoMeConfig(AOBaseConfig):
         baseline at the same budget: "single" (every kept vector at `single_bits`), "lowrank" (top
         vectors in fp16), "bitdelta" (sign + one scale).
     svd: "auto" | "exact" | "randomized".
-    recipe: which modules to compress; default from the model's `config.model_type`.
+    recipe: which matmul weights to compress, by name; default from the model's `config.model_type`
+        (every weight used as a matrix multiply: `nn.Linear`, `Conv1D`, stacked experts).
+    embeddings: also compress the deltas of the input / position embeddings and the output head (kept
+        exact by default, as in the paper).
     allocation: "paper" (the 8/3/2-bit schedule) or "optimal" (each singular vector's width from
         `candidates`, 0 = dropped, minimising the measured error within `alpha`); method "deltacome".
     calibration: None (data-free RTN) or an iterable of `input_ids` tensors (or dicts of model
@@ -73,6 +88,7 @@ class DeltaCoMeConfig(AOBaseConfig):
     damp: float = 0.01
     act_order: bool = True
     target_correction: bool = False
+    embeddings: bool = False
 
     def __post_init__(self):
         if self.base is None:
@@ -150,41 +166,62 @@ def deltacome_config(base, alpha: float = 1 / 16, method: str = "deltacome", **k
 
 # --- the quantize_ shortcut --------------------------------------------------------------------------
 
-_RUNS: dict = {}  # (thread, call) -> (root id, {id(module): weight}, ids of modules still to visit)
+_RUNS: dict = {}  # (thread, call) -> (root id, {id(module): {param: weight}}, ids of modules still to visit)
 _RUNS_LOCK = threading.Lock()
+
+
+def _plan_root(root, config, filter_fn, device):
+    """Plan every layer of `root` (nothing changes yet) -> ({id(module): {param: weight}}, skipped)."""
+    targets = select_layers(root, config, filter_fn)
+    skipped = _skipped(root, config, filter_fn, targets)
+    return plan_compression(root, config, targets, device, skipped), skipped
+
+
+def _finish(root, config, skipped) -> None:
+    record_skipped(root, skipped)
+    notify_compressed(root, config_fields(config))
 
 
 @register_quantize_module_handler(DeltaCoMeConfig)
 def _quantize_handler(module: torch.nn.Module, config: DeltaCoMeConfig) -> torch.nn.Module:
     walk = current_walk()
     if walk is None or walk.fqn == "":  # handed the model itself: compress all of it at once
-        weights = plan_compression(module, config, select_layers(module, config), walk.device if walk else None)
-        for m in module.modules():
-            if id(m) in weights:
-                m.weight = torch.nn.Parameter(weights[id(m)], requires_grad=False)
+        weights, skipped = _plan_root(module, config, None, walk.device if walk else None)
+        swap_in(module, weights)
+        _finish(module, config, skipped)
         return module
     if walk.fqn is not None:  # an FqnToConfig entry: this one module, by its name in the root
-        if not isinstance(module, torch.nn.Linear):
+        targets = [t for t in matmul_layers(walk.root, lambda m, n: m is module, embeddings=True)]
+        if not targets:
             raise ValueError(
-                f"FqnToConfig maps {walk.fqn!r} ({type(module).__name__}) to a DeltaCoMeConfig; map linear layers "
-                f"(or the whole model, '') to it, or use compress_(model, config, filter_fn=...)"
+                f"FqnToConfig maps {walk.fqn!r} ({type(module).__name__}) to a DeltaCoMeConfig; map modules holding "
+                f"a matmul weight (or the whole model, '') to it, or use compress_(model, config, filter_fn=...)"
             )
-        weights = plan_compression(walk.root, config, [(walk.fqn, module)], walk.device)
-    else:  # torchao's module walk: plan every layer on the first call, swap one per call
-        key = (threading.get_ident(), walk.key)
+        swap_in(walk.root, plan_compression(walk.root, config, targets, walk.device))
+        notify_compressed(walk.root, config_fields(config))
+        return module
+    # torchao's module walk: plan every layer on the first call (with torchao's default filter, the
+    # config's own selection: Conv1D and stacked experts too), swap in at once the layers of modules
+    # torchao does not visit, and one visited module's per call.
+    key = (threading.get_ident(), walk.key)
+    with _RUNS_LOCK:
+        run = _RUNS.get(key)
+    if run is None or run[0] != id(walk.root) or id(module) not in run[2]:
+        visits = {id(m) for _, m in walk_modules(walk.root, walk.filter_fn)}
+        weights, skipped = _plan_root(walk.root, config, walk.user_filter, walk.device)
+        swap_in(walk.root, {k: v for k, v in weights.items() if k not in visits})
+        weights = {k: v for k, v in weights.items() if k in visits}
+        run = (id(walk.root), weights, visits)
         with _RUNS_LOCK:
-            run = _RUNS.get(key)
-        if run is None or run[0] != id(walk.root) or id(module) not in run[2]:
-            targets = select_layers(walk.root, config, walk.filter_fn)
-            visits = {id(m) for _, m in walk_modules(walk.root, walk.filter_fn)}
-            run = (id(walk.root), plan_compression(walk.root, config, targets, walk.device), visits)
-            with _RUNS_LOCK:
-                _RUNS[key] = run
-        _, weights, pending = run
-        pending.discard(id(module))
-        if not pending:
-            with _RUNS_LOCK:
-                _RUNS.pop(key, None)
-    if id(module) in weights:
-        module.weight = torch.nn.Parameter(weights.pop(id(module)), requires_grad=False)
+            _RUNS[key] = run
+        _finish(walk.root, config, skipped)
+    _, weights, pending = run
+    pending.discard(id(module))
+    if not pending:
+        with _RUNS_LOCK:
+            _RUNS.pop(key, None)
+    for param, w in weights.pop(id(module), {}).items():
+        setattr(module, param, torch.nn.Parameter(w, requires_grad=False))
+    if not pending:
+        notify_compressed(walk.root, config_fields(config))  # again: every weight is in place now
     return module

@@ -242,6 +242,17 @@ class DeltaTensor(TorchAOBaseTensor):
             inner.append(t.contiguous())
         return cls(*inner, *cls.attributes_from_spec(spec).values())
 
+    def delta_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of Δ in fp32, shape (*ids.shape, in): what an embedding table adds to the base's
+        rows (`F.embedding` on a compressed table). Kinds override it to avoid forming Δ."""
+        return torch.nn.functional.embedding(ids, self.delta_weight())
+
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """`F.embedding(ids, W)` for a compressed table: the base rows plus the fp32 delta rows, rounded once."""
+        base = self.base_weight if is_plain(self.base_weight) else self.base_weight.dequantize()
+        rows = torch.nn.functional.embedding(ids, base)
+        return (rows.float() + self.delta_rows(ids)).to(self.dtype)
+
     def rlinear(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """`x W + b` with this weight used as an (in, out) matrix (transformers' `Conv1D` stores its
         weight that way; `x @ weight.T` layers multiply by such a view): `linear` of `Wᵀ`."""
@@ -323,5 +334,16 @@ def _(func, types, args, kwargs):
     beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
     if _is_matrix(w) and not isinstance(x, DeltaTensor) and beta == 1 and alpha == 1 and len(args) == 3:
         return w.rlinear(x, bias)
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(*args, **kwargs)
+
+
+@implements_torch_function([torch.nn.functional.embedding])
+def _(func, types, args, kwargs):
+    ids = args[0]
+    w = args[1] if len(args) > 1 else kwargs.get("weight")
+    max_norm = args[3] if len(args) > 3 else kwargs.get("max_norm")
+    if _is_matrix(w) and not isinstance(ids, DeltaTensor) and max_norm is None:
+        return w.embedding(ids)  # padding_idx, scale_grad_by_freq, sparse only concern gradients
     with torch._C.DisableTorchFunctionSubclass():
         return func(*args, **kwargs)

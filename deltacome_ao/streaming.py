@@ -32,7 +32,9 @@ from tqdm.auto import tqdm
 
 from .artifact import DeltaArtifact
 from .checkpoint import BaseWeights, CheckpointMismatchError, check_pair, few, safetensors_files
+from .compress import compress_layer, coverage_summary, matmul_layers, uncompressed_reason
 from .config import DeltaCoMeConfig
+from .methods.mixed_precision import BudgetTooSmallError
 from .fingerprint import fingerprint, same, tensor_entry
 from .format import CONFIG_NAME, SEP, WEIGHTS_NAME, model_config as config_fields
 from .recipes import Recipe, recipe_for
@@ -94,11 +96,12 @@ def _skeleton(model_dir: Path):
     return config, model
 
 
-def _structure(skeleton, recipe: Recipe, ft: BaseWeights, shapes: Mapping[str, tuple]):
-    """(ordered fine-tuned tensor names, compressed weight keys, {alias: kept name}, first parameter name)."""
+def _structure(skeleton, recipe: Recipe, ft: BaseWeights, shapes: Mapping[str, tuple], embeddings: bool = False):
+    """(ordered fine-tuned tensor names, {compressed key: `compress.Layer` or None}, {alias: kept name},
+    first parameter name)."""
     if skeleton is None:
         order = list(ft.keys())
-        return order, linear_weight_names(order, recipe, shapes), {}, (order[0] if order else None)
+        return order, dict.fromkeys(linear_weight_names(order, recipe, shapes)), {}, (order[0] if order else None)
     state = skeleton.state_dict(keep_vars=True)
     seen, aliases, order = {}, {}, []
     for key, t in state.items():
@@ -114,12 +117,10 @@ def _structure(skeleton, recipe: Recipe, ft: BaseWeights, shapes: Mapping[str, t
         )
     listed = set(order)
     order += [k for k in ft.keys() if k not in listed and k not in aliases]  # stored extras, as save_delta keeps them
-    compressed = [
-        f"{name}.weight"
-        for name, module in skeleton.named_modules()
-        if isinstance(module, torch.nn.Linear) and recipe.selects(name) and f"{name}.weight" in ft
-        and f"{name}.weight" not in aliases
-    ]
+    compressed = {  # compress_'s selection, on the skeleton
+        layer.key: layer for layer in matmul_layers(skeleton, None, embeddings)
+        if recipe.selects(layer.name) and layer.key in ft and layer.key not in aliases
+    }
     first = next((n for n, _ in skeleton.named_parameters()), None)
     first = aliases.get(first, first)
     return order, compressed, aliases, first
@@ -169,13 +170,15 @@ def compress_streaming(
     )
     model_config, skeleton = _skeleton(ft_path)
     recipe = config.recipe or recipe_for(ft.model_type)
-    order, compressed, aliases, first = _structure(skeleton, recipe, ft, {k: ft.shape(k) for k in ft.keys()})
+    order, compressed, aliases, first = _structure(skeleton, recipe, ft, {k: ft.shape(k) for k in ft.keys()},
+                                                   config.embeddings)
     if not compressed:
         raise ValueError(f"recipe {recipe.name!r} selects no linear weight of {ft_path}; pass recipe= for this model")
-    check_pair(base, {k: ft.shape(k) for k in order}, compressed, model_type=ft.model_type, strict=strict,
+    check_pair(base, {k: ft.shape(k) for k in order}, list(compressed), model_type=ft.model_type, strict=strict,
                ignore=aliases)
-    del skeleton
-    compressed_set, base_set = set(compressed), set(base.keys())
+    base_set = set(base.keys())
+    skipped: dict[str, str] = {}
+    budget_errors: list = []
 
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict] = {}
@@ -191,14 +194,29 @@ def compress_streaming(
             f = ft[key]
             if key == first:
                 model_dtype = f.dtype
-            if key in compressed_set:
+            w = None
+            if key in compressed:
                 b = base[key]
                 entries[key] = tensor_entry(b)
                 b = b.to(dtype=f.dtype)
-                name = key[: -len(".weight")]
+                layer = compressed[key]
+                name = layer.name if layer is not None else key[: -len(".weight")]
                 t0 = time.perf_counter()
-                w = config.compress(f, b, name)
+                try:
+                    w = compress_layer(layer, f, b, config) if layer is not None else config.compress(f, b, name)
+                except BudgetTooSmallError as e:  # as compress_: a matrix too small for one vector stays dense
+                    budget_errors.append(e)
+                    skipped[key] = "budget"
+                except NotImplementedError:
+                    if layer is None or layer.form != "experts":
+                        raise
+                    skipped[key] = "unstackable"
                 seconds = time.perf_counter() - t0
+                if w is None:
+                    if not same(f, b):
+                        kept[key] = f
+                    del b
+                    continue
                 del f, b
                 layers[name] = w.spec()
                 for inner, t in w.delta_tensors().items():
@@ -215,17 +233,27 @@ def compress_streaming(
                 kept[key] = f
             f = None
         bar.close()
+        if budget_errors and not layers:
+            raise budget_errors[0]
         rest = [k for k in base.keys() if k not in entries and k not in aliases]  # base-only (strict=False)
         for key in tqdm(rest, desc="base fingerprint", disable=not (progress and rest), unit="tensor"):
             entries[key] = tensor_entry(base[key])
     # `layers` in module order, as compressed_layers(model) lists them
-    layers = {k[: -len(".weight")]: layers[k[: -len(".weight")]] for k in compressed}
+    names = [(layer.name if layer is not None else k[: -len(".weight")]) for k, layer in compressed.items()]
+    layers = {n: layers[n] for n in names if n in layers}
+    compressed_params = {key: int(torch.Size(ft.shape(key)).numel()) for key, layer in compressed.items()
+                         if key not in skipped}
+    reasons = {k: uncompressed_reason(skeleton, k, skipped) if skeleton is not None else skipped.get(k, "other")
+               for k in kept}
+    coverage = coverage_summary({**compressed_params, **{k: v.numel() for k, v in kept.items()}}, compressed_params,
+                                reasons)
+    del skeleton
     model_type = base.model_type or ft.model_type
     document = DeltaArtifact(
         layers=layers, tensors=tensors, kept=kept, aliases=aliases,
         fingerprint=fingerprint(entries, model_type, complete=True),
         model_dtype=model_dtype if model_dtype is not None else torch.float32,
-        model_config=config_fields(model_config), config=config, metadata=metadata,
+        model_config=config_fields(model_config), config=config, metadata=metadata, coverage=coverage,
     ).write(out, overwrite)
     del tensors, kept
     return {

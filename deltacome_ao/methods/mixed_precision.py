@@ -230,6 +230,11 @@ class MixedPrecisionDeltaTensor(DeltaTensor):
         v, ut = self.factors.dequantize()
         return low_rank_term(x, v, ut, self.s)
 
+    def delta_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of Û diag(s) V̂ for a compressed embedding table, without forming the (V, H) delta."""
+        v, ut = self.factors.dequantize()
+        return torch.nn.functional.embedding(ids, ut.T * self.s) @ v
+
     def linear(self, x, bias=None):
         f = self.factors
         if is_plain(self.base_weight):

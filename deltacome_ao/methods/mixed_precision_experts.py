@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 
 from ..allocate import FP16_BITS, Band
-from ..delta_tensor import DeltaTensor, is_plain
+from ..delta_tensor import DeltaTensor
 from ..factors import PackedFactors
 from ..ops import expert_of_rows, grouped_delta_linear
 from ..packing import band_offsets, pack_rows, unpack_rows
@@ -211,7 +211,7 @@ class MixedPrecisionExpertsTensor(DeltaTensor):
     def grouped_matmul(self, x: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
         """`torch.nn.functional.grouped_mm(x, self, offs)`: rows offs[e-1]:offs[e] of `x` times `self[e]`,
         every expert in one `deltacome::grouped_delta_linear` call."""
-        if not is_plain(self.base_weight):
+        if hasattr(self.base_weight, "tensor_data_names"):  # (not is_plain: under torch.compile it is a FakeTensor)
             raise NotImplementedError("stacked experts over a quantized base are not supported")
         # `x @ self[e]` = linear with self[e]ᵀ: the stored factors when in_out, else the transposed ones
         f = self.factors if self.in_out else self.factors.transposed()
