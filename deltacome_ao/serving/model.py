@@ -28,7 +28,8 @@ from ..artifact import get_tensor, load_delta
 from ..checkpoint import few
 from ..compress import compressed_layers
 from ..fingerprint import same
-from ..format import read_delta_config
+from ..finetune_config import NEUTRAL, differing_fields
+from ..format import read_delta_config, spec_key
 from .layers import MultiDeltaLayer, wrap_module, wrapper_class
 from .routing import BASE, DeltaInUseError, Routing, UnknownDeltaError, UnsupportedDeltaError, routing
 
@@ -40,6 +41,18 @@ def _structural_copy(model: torch.nn.Module) -> torch.nn.Module:
     Python objects), for `artifact.load_delta` to swap tensors on without touching `model`."""
     memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     return copy.deepcopy(model, memo)
+
+
+def _routes_tokens(root: torch.nn.Module, name: str) -> bool:
+    """`name` is (or lies inside) a mixture-of-experts block: its modules get the batch's tokens flattened."""
+    parts = name.split(".") if name else []
+    for i in range(len(parts), 0, -1):  # the module and its ancestors, the model itself excluded
+        module = root.get_submodule(".".join(parts[:i]))
+        if any(isinstance(getattr(module, a, None), int) for a in ("num_experts", "top_k", "num_experts_per_tok")):
+            return True
+        if i < len(parts) and hasattr(module, "experts"):
+            return True
+    return False
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -99,6 +112,7 @@ class MultiDeltaModel(torch.nn.Module):
             if name in self._ids:
                 raise ValueError(f"a delta named {name!r} is already loaded; unload it first")
         document = read_delta_config(delta_dir)
+        self._refuse_unservable(document)
         loaded = load_delta(_structural_copy(self._skeleton), delta_dir, verify=verify)
         layers, dense = self._plan(loaded, document)
         with self._lock:
@@ -123,10 +137,35 @@ class MultiDeltaModel(torch.nn.Module):
             self._pins[delta_id] = 0
             return delta_id
 
+    def _refuse_unservable(self, document: dict) -> None:
+        """What a mixed batch cannot give each row as its model alone would, refused before any work:
+        stacked MoE experts (the experts see the batch's tokens flattened and regrouped by expert, not by
+        row), and a config that differs from the base's in a field that changes the outputs (one batch
+        runs one config)."""
+        stacks = [n for n, spec in document["layers"].items() if len(spec.get("shape", ())) == 3]
+        if stacks:
+            raise UnsupportedDeltaError(
+                f"the delta compresses stacked MoE experts ({few(stacks)}), which cannot be served per row in a mixed "
+                f"batch (the experts see the batch's tokens flattened and regrouped by expert); serve this fine-tune "
+                f"alone with artifact.load_delta / DeltaCoMeModel.from_pretrained")
+        differ = {k: v for k, v in differing_fields(self._skeleton, document.get("model_config")).items() if k not in NEUTRAL}
+        if differ:
+            shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(differ.items())[:3])
+            raise UnsupportedDeltaError(
+                f"the fine-tune's config differs from the base's ({shown}{', ...' if len(differ) > 3 else ''}); one "
+                f"batch runs one config, so this delta cannot be served per row next to others — serve it alone with "
+                f"artifact.load_delta / DeltaCoMeModel.from_pretrained, which applies the fine-tune's config")
+
     def _plan(self, loaded: torch.nn.Module, document: dict):
         """-> ({module: compressed weight}, {module: {leaf: dense tensor}}) of one delta loaded onto a
         structural copy; refuses what cannot be served per row."""
-        layers = {name: loaded.get_submodule(name).weight for name in document["layers"]}
+        layers, by_key = {}, {}
+        for name, spec in document["layers"].items():
+            owner, _, leaf = spec_key(name, spec).rpartition(".")
+            layers[owner] = by_key[spec_key(name, spec)] = loaded.get_submodule(owner)._parameters[leaf]
+        for alias, target in document.get("aliases", {}).items():  # a compressed table tied to lm_head
+            if target in by_key:
+                layers[_split(alias)[0]] = by_key[target]
         base_state = dict(self._skeleton.state_dict(keep_vars=True))
         kept_names = set(document.get("kept", []))
         kept_names |= {alias for alias, target in document.get("aliases", {}).items() if target in kept_names}
@@ -138,8 +177,10 @@ class MultiDeltaModel(torch.nn.Module):
             owner, leaf = _split(key)
             module = self._skeleton.get_submodule(owner) if owner else self._skeleton
             cls = wrapper_class(module)
-            # a compressed layer's weight is never a kept tensor
-            ok = cls is not None and cls.serves(module, leaf) and not (owner in layers and leaf == "weight")
+            # a compressed layer's weight is never a kept tensor; MoE routers and experts see the tokens
+            # flattened (not batch-first), so a row cannot be given its own
+            ok = (cls is not None and cls.serves(module, leaf) and not (owner in layers and leaf == "weight")
+                  and not _routes_tokens(self._skeleton, owner))
             if not ok:
                 refused.append(f"{key} ({type(module).__name__})")
                 continue
