@@ -96,6 +96,72 @@ def _skeleton(model_dir: Path):
     return config, model
 
 
+class _ConvertedWeights(BaseWeights):
+    """A checkpoint read under the names and shapes the model has once transformers converted it on load
+    (Mixtral's per-expert `block_sparse_moe.experts.N.w1/w3.weight` merged into `mlp.experts.gate_up_proj`,
+    LLaVA's renamed prefixes, ...): a merged tensor is built from its sources, one target at a time, with
+    transformers' own converter, when it is read."""
+
+    def __init__(self, inner: BaseWeights, skeleton, plan: dict, converters: dict):
+        self.__dict__.update(inner.__dict__)
+        self._inner, self._plan, self._converters = inner, plan, converters
+        self._shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+        self._skeleton = skeleton
+
+    def keys(self) -> list[str]:
+        return list(self._plan)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._plan
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        sources = self._plan[name]
+        if len(sources) == 1 and sources[0][1] is None:
+            return self._inner[sources[0][0]]
+        import copy
+
+        converter = copy.deepcopy(self._converters[sources[0][1]])
+        for key, pattern in sources:
+            converter.add_tensor(name, key, pattern, self._inner[key])
+        out = converter.convert(name, model=self._skeleton, config=getattr(self._skeleton, "config", None))
+        value = out[name]
+        return value[0] if isinstance(value, list) else value
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        sources = self._plan[name]
+        if len(sources) == 1 and sources[0][1] is None:
+            return self._inner.shape(sources[0][0])
+        return self._shapes[name]
+
+    def aliases(self) -> dict[str, str]:
+        return {}
+
+
+def _as_loaded(weights: BaseWeights, skeleton) -> BaseWeights:
+    """`weights` under the names transformers loads them as into `skeleton` (itself when nothing is renamed)."""
+    if skeleton is None:
+        return weights
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+    except ImportError:
+        return weights
+    conversions = get_model_conversion_mapping(skeleton)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    meta = skeleton.state_dict()
+    prefix = getattr(skeleton, "base_model_prefix", None)
+    plan: dict[str, list] = {}
+    for key in sorted(weights.keys(), key=dot_natural_key):
+        target, pattern = rename_source_key(key, renamings, converters, prefix, meta)
+        if target not in meta and key in meta:
+            target, pattern = key, None
+        plan.setdefault(target, []).append((key, pattern))
+    if all(len(v) == 1 and v[0] == (k, None) for k, v in plan.items()):
+        return weights
+    return _ConvertedWeights(weights, skeleton, plan, {p: c for c in converters for p in c.source_patterns})
+
+
 def _structure(skeleton, recipe: Recipe, ft: BaseWeights, shapes: Mapping[str, tuple], embeddings: bool = False):
     """(ordered fine-tuned tensor names, {compressed key: `compress.Layer` or None}, {alias: kept name},
     first parameter name)."""
@@ -169,6 +235,10 @@ def compress_streaming(
         recipe=recipe, progress=progress, **options,
     )
     model_config, skeleton = _skeleton(ft_path)
+    # checkpoints whose tensors transformers converts on load (merged MoE experts, renamed prefixes) are
+    # read as the loaded model has them, so the artifact is the one save_delta writes for that model
+    ft, base = _as_loaded(ft, skeleton), _as_loaded(base, skeleton)
+    config.base = base
     recipe = config.recipe or recipe_for(ft.model_type)
     order, compressed, aliases, first = _structure(skeleton, recipe, ft, {k: ft.shape(k) for k in ft.keys()},
                                                    config.embeddings)
