@@ -156,7 +156,8 @@ def calibrated_weights(root: nn.Module, targets, config, compress_layer) -> dict
 
     `compress_layer(layer, finetuned, base, config, hessian=None)` compresses one of them (the
     caller's, so that Conv1D weights are compressed in their (out, in) orientation: the Hessian is
-    over the module's input either way). Returns {(id(module), param): compressed weight}. Targets
+    over the module's input either way), or returns None for one that stays dense. Returns
+    {(id(module), param): compressed weight or None}. Targets
     outside the decoder layers, and stacked experts (their inputs depend on the routing, which is not
     captured), are compressed without calibration, with a warning naming them. The model is left
     exactly as it was.
@@ -204,7 +205,8 @@ def calibrated_weights(root: nn.Module, targets, config, compress_layer) -> dict
             base = config.base[target.key].to(device=finetuned.device, dtype=finetuned.dtype)
             weight = compress_layer(target, finetuned, base, config, hessian=hessians.pop(id(target.module)))
             weights[(id(target.module), target.param)] = weight
-            compressed[f"{sub_name}.{target.param}" if sub_name else target.param] = weight.dequantize(finetuned.dtype)
+            if weight is not None:  # (None: stays dense, the next layer sees the fine-tuned weight)
+                compressed[f"{sub_name}.{target.param}" if sub_name else target.param] = weight.dequantize(finetuned.dtype)
         if index == last:
             continue  # no later layer needs its outputs
         for record in records:

@@ -53,6 +53,7 @@ REASONS = {
     "bias": "bias (1-D)",
     "router": "MoE router (not an nn.Linear: routing is kept exact)",
     "convolution": "convolution kernel (not a matmul)",
+    "vector": "a 1-D parameter (e.g. CLIP's class embedding)",
     "buffer": "buffer",
     "recipe": "a matmul weight the recipe does not select",
     "filter": "a matmul weight filter_fn excludes",
@@ -243,28 +244,35 @@ def plan_compression(root: torch.nn.Module, config: Any, targets: Iterable, devi
     shapes = {k: tuple(v.shape) for k, v in root.state_dict().items()}
     check_pair(config.base, shapes, keys, model_type=getattr(getattr(root, "config", None), "model_type", None))
     skipped = {} if skipped is None else skipped
+    errors: list = []
+
+    def compress_or_skip(layer, finetuned, base, config, hessian=None):
+        """`compress_layer`, or None (the layer stays dense, the reason recorded)."""
+        try:
+            return compress_layer(layer, finetuned, base, config, hessian=hessian)
+        except BudgetTooSmallError as e:
+            errors.append(e)
+            skipped[layer.key] = "budget"
+        except NotImplementedError:
+            if layer.form != "experts":
+                raise
+            skipped[layer.key] = "unstackable"
+        return None
+
     if config.calibration is not None:
-        weights = calibrated_weights(root, targets, config, compress_layer)
+        weights = calibrated_weights(root, targets, config, compress_or_skip)
     else:
         weights = {}
         bar = tqdm(targets, desc=f"{config.method} delta", disable=not config.progress, unit="layer")
-        errors = []
         for layer in bar:
             finetuned = getattr(layer.module, layer.param).detach()
             if device is not None:
                 finetuned = finetuned.to(device)
             base = config.base[layer.key].to(device=finetuned.device, dtype=finetuned.dtype)
-            try:
-                weights[(id(layer.module), layer.param)] = compress_layer(layer, finetuned, base, config)
-            except BudgetTooSmallError as e:
-                errors.append(e)
-                skipped[layer.key] = "budget"
-            except NotImplementedError:
-                if layer.form != "experts":
-                    raise
-                skipped[layer.key] = "unstackable"
-        if errors and not weights:
-            raise errors[0]
+            weights[(id(layer.module), layer.param)] = compress_or_skip(layer, finetuned, base, config)
+    weights = {k: w for k, w in weights.items() if w is not None}
+    if errors and not weights:
+        raise errors[0]
     out: dict[int, dict[str, DeltaTensor]] = {}
     for (module_id, param), w in weights.items():
         out.setdefault(module_id, {})[param] = w.to(device) if device is not None else w
@@ -357,10 +365,14 @@ def compressed_layers(model: torch.nn.Module) -> dict[str, DeltaTensor]:
     return out
 
 
-def delta_report(model: torch.nn.Module) -> list[dict]:
+def delta_report(model: torch.nn.Module, base: Any = None) -> list[dict]:
     """Per compressed layer: name, shape, kind (tensor class), structure (`describe()`, e.g. the
-    bands "8b×2 3b×32 2b×20"), bands as [[bits, count], ...] when the kind has bands, delta bytes
-    and bits per parameter. What is *not* compressed: `coverage_report`."""
+    bands "8b×2 3b×32 2b×20"), bands as [[bits, count], ...] when the kind has bands, delta bytes,
+    bits per parameter, `"compressed": True`.
+
+    With `base` (the model the fine-tune started from), also one row per tensor the fine-tune changed
+    that is *not* compressed: name, shape, `"compressed": False`, `reason` (`REASONS`), `params` and
+    `kept_bytes` (what it costs the artifact). The compressed share: `coverage_report(model, base)`."""
     rows = []
     for name, w in compressed_layers(model).items():
         bands = getattr(w, "bands", None)
@@ -372,7 +384,18 @@ def delta_report(model: torch.nn.Module) -> list[dict]:
             "bands": [[b.bits, b.count] for b in bands] if bands is not None else None,
             "delta_bytes": w.delta_nbytes(),
             "bits_per_param": w.bits_per_param(),
+            "compressed": True,
         })
+    if base is not None:
+        state = model.state_dict(keep_vars=True)
+        for key, entry in coverage_report(model, base)["uncompressed"].items():
+            t = state.get(key)
+            rows.append({
+                "name": key, "shape": list(t.shape) if t is not None else None, "tensor": None,
+                "structure": f"dense ({entry['reason']})", "bands": None, "delta_bytes": 0, "bits_per_param": None,
+                "compressed": False, "reason": entry["reason"], "params": entry["params"],
+                "kept_bytes": t.numel() * t.element_size() if t is not None else None,
+            })
     return rows
 
 
@@ -405,6 +428,8 @@ def uncompressed_reason(root: torch.nn.Module, key: str, skipped: Optional[Mappi
         return "recipe"
     if t is not None and t.dim() == 2 and ("router" in type(owner).__name__.lower() or owner_name.endswith("gate")):
         return "router"
+    if t is not None and t.dim() <= 1:
+        return "vector"
     return "other"
 
 

@@ -69,7 +69,9 @@ def _is_int(v) -> bool:
 class DeltaTensor(TorchAOBaseTensor):
     """Base class of compressed delta weights (see the module docstring for the contract).
 
-    Shape and dtype are the base weight's: (out_features, in_features), the model dtype.
+    Shape and dtype are the base weight's: (out_features, in_features) — or (in, out) for the
+    transposed view a `Conv1D` holds, (E, out, in) for a stack of experts (`spec_ndim = 3`) — and the
+    model dtype.
     """
 
     # dimensions of the weight: 2 for a matrix, 3 for a stack of expert matrices (`stack`)

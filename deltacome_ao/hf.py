@@ -12,7 +12,8 @@ The checkpoint is a standalone model: each compressed weight is stored as its in
 `<module>.weight:<inner>` (`base_weight` included), every other tensor as usual, and `config.json`'s
 `quantization_config` lists the structure of every compressed layer (tensor type, shape, dtype,
 bands, group size). On load the quantizer puts an empty tensor-subclass shell of exactly that
-structure in place of each listed `nn.Linear` weight before any tensor is read, checks that the
+structure in place of each listed weight (an `nn.Linear` / `Conv1D` / embedding `weight`, or a stacked
+expert parameter, stored as `<parameter>:<inner>`) before any tensor is read, checks that the
 checkpoint holds every inner tensor of every listed layer (and no others), and rebuilds each weight
 from its inner tensors with `format.assemble` (shapes and dtypes checked). Nothing is left at its
 random init: a listed layer that was not rebuilt is an error.

@@ -26,7 +26,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 from deltacome_ao import DeltaCoMeConfig, MixedPrecisionDeltaTensor, MultiDeltaModel, compress_, load_delta, save_delta
-from deltacome_ao.compress import compressed_layers, coverage_report
+from deltacome_ao.compress import compressed_layers, coverage_report, delta_report
 from deltacome_ao.evaluation.architectures import ARCHITECTURES, check, inputs_for, tiny_base, tiny_finetune
 from deltacome_ao.finetune_config import ConfigMismatchError
 from deltacome_ao.methods.mixed_precision_experts import MixedPrecisionExpertsTensor
@@ -173,10 +173,15 @@ def test_gpt2_conv1d_with_calibration_and_moe_warning():
         ref, base_l = ft(**x).logits, base(**x).logits
         err = [(m(**x).logits - ref).norm() / (base_l - ref).norm() for m in (rtn, gptq)]
     assert err[1] < 0.25 and err[0] < 0.25
-    _, mbase, mft, _ = _mixtral_pair()
+    # Qwen2-MoE under calibration: the experts data-free (warned), the (1, 64) shared-expert gate dense
+    mbase = tiny_base(ARCHITECTURES["qwen2_moe"])
+    mft = tiny_finetune(mbase)
     with pytest.warns(UserWarning, match="stacked expert parameters are compressed without calibration"):
-        compress_(copy.deepcopy(mft), DeltaCoMeConfig(base=mbase, progress=False,
-                                                     calibration=[torch.randint(3, 120, (2, 8))]))
+        m = compress_(copy.deepcopy(mft), DeltaCoMeConfig(base=mbase, progress=False,
+                                                         calibration=[torch.randint(3, 120, (2, 8))]))
+    assert isinstance(m.model.layers[1].mlp.experts.down_proj, MixedPrecisionExpertsTensor)
+    assert isinstance(m.model.layers[1].mlp.shared_expert.up_proj.weight, MixedPrecisionDeltaTensor)
+    assert m.deltacome_skipped["model.layers.1.mlp.shared_expert_gate.weight"] == "budget"
 
 
 @pytest.mark.parametrize("name", ["gpt2", "mixtral"])
@@ -219,6 +224,10 @@ def test_coverage_report_and_cli(tmp_path):
     assert reasons["model.layers.0.self_attn.q_proj.bias"] == "bias"
     assert reasons["model.embed_tokens.weight"] == "embedding" and reasons["lm_head.weight"] == "lm_head"
     assert cov["embedding_params"] == 2 * 128 * 64
+    rows = delta_report(model, base)
+    dense = {r["name"]: r for r in rows if not r["compressed"]}
+    assert set(dense) == set(cov["uncompressed"]) and dense["model.layers.0.mlp.gate.weight"]["reason"] == "router"
+    assert {r["name"] for r in rows if r["compressed"]} == set(compressed_layers(model))
     save_delta(model, tmp_path / "d", base=base)
     out = CliRunner().invoke(main, ["inspect", str(tmp_path / "d")]).output
     assert "coverage:" in out and "uncompressed (router)" in out and "uncompressed (budget)" in out

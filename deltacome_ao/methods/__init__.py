@@ -11,6 +11,8 @@ CLI offers its names, and the artifact and Hugging Face readers find tensor clas
 nothing else lists methods.
 
     mixed_precision.py   MixedPrecisionDeltaTensor: "deltacome" (Delta-CoMe), "single", "lowrank"
+    mixed_precision_experts.py   MixedPrecisionExpertsTensor: what MixedPrecisionDeltaTensor.stack
+                         returns for stacked MoE experts (a kind without a method: `register_kind`)
     bitdelta.py          BitDeltaTensor: "bitdelta" (BitDelta's sign + scale)
 
 A compress function has the signature

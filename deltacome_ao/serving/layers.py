@@ -32,7 +32,7 @@ from ..ops import segmented_delta
 from .routing import Routing, UnknownDeltaError, UnsupportedDeltaError, current_routing, resolve_routing
 
 __all__ = ["DeltaEntry", "MultiDeltaLayer", "MultiDeltaLinear", "MultiDeltaEmbedding", "MultiDeltaModule",
-           "wrap_module", "wrapper_class"]
+           "wrap_module", "wrapper_class", "is_unit"]
 
 
 @dataclass(frozen=True)
@@ -247,32 +247,35 @@ class MultiDeltaLinear(MultiDeltaLayer):
 
 
 class MultiDeltaModule(MultiDeltaLayer):
-    """Any other leaf module (RMSNorm, LayerNorm, ...) whose parameters deltas replace. The base
-    module runs on every row, then each such delta's rows run through it again with the delta's
-    parameters (`torch.func.functional_call`), so whatever the module computes, a row gets what
-    the delta's model alone gives. Needs a forward whose first argument and output are batch-first
-    tensors, as norms have. The module's parameters are registered here under their own names
-    (state dicts and base fingerprints are unchanged); the module itself is not a submodule."""
+    """Any other module whose parameters deltas replace: a leaf (RMSNorm, LayerNorm, ...) or a module with
+    parameters of its own *and* children (CLIP's vision embeddings: a class embedding next to the patch
+    convolution and the position table), served as one unit with its whole subtree. The base module runs
+    on every row, then each such delta's rows run through it again with the delta's parameters
+    (`torch.func.functional_call`, nested names for the subtree's), so whatever the module computes, a
+    row gets what the delta's model alone gives. Needs a forward whose first argument and output are
+    batch-first tensors (an input with batch size 1, e.g. position ids, is shared by every row). The
+    module's parameters, buffers and children are registered here under their own names (state dicts and
+    base fingerprints are unchanged); the module itself is not a submodule."""
 
     def __init__(self, module: torch.nn.Module):
         super().__init__()
-        if next(module.children(), None) is not None:
-            raise UnsupportedDeltaError(f"{type(module).__name__} has submodules; only leaf modules can be served per row")
         object.__setattr__(self, "_inner", module)
         for n, p in module.named_parameters(recurse=False):
             self.register_parameter(n, p)
         for n, b in module.named_buffers(recurse=False):
             self.register_buffer(n, b, persistent=n not in module._non_persistent_buffers_set)
+        for n, child in module.named_children():
+            self.add_module(n, child)
 
     @classmethod
     def serves(cls, module, leaf):
-        return next(module.children(), None) is None and leaf in dict(module.named_parameters(recurse=False))
+        return leaf in dict(module.named_parameters())
 
     def add(self, name: str, params: Optional[Mapping[str, torch.Tensor]] = None, *, delta_id: Optional[int] = None) -> int:
         return self.add_delta(name, None, params, delta_id=delta_id)
 
     def _entry(self, name, delta, dense):
-        own = dict(self._inner.named_parameters(recurse=False))
+        own = dict(self._inner.named_parameters())
         if delta is not None:
             raise UnsupportedDeltaError(f"{name}: {type(self._inner).__name__} serves parameter replacements only")
         for leaf, value in dense.items():
@@ -357,16 +360,22 @@ def wrapper_class(module: torch.nn.Module) -> Optional[type]:
         return MultiDeltaEmbedding
     if isinstance(module, torch.nn.Linear) or is_conv1d(module):
         return MultiDeltaLinear
-    if next(module.children(), None) is None:
+    if next(module.children(), None) is None or is_unit(module):
         return MultiDeltaModule
     return None
+
+
+def is_unit(module: torch.nn.Module) -> bool:
+    """A module with parameters of its own and children: served per row as one unit with its subtree."""
+    return next(module.children(), None) is not None and next(module.parameters(recurse=False), None) is not None
 
 
 def wrap_module(module: torch.nn.Module, cache_dequantized: bool = False) -> MultiDeltaLayer:
     """`module` wrapped in its multi-delta layer (itself if it is one); UnsupportedDeltaError if none."""
     cls = wrapper_class(module)
     if cls is None:
-        raise UnsupportedDeltaError(f"{type(module).__name__} has submodules and cannot be served per row")
+        raise UnsupportedDeltaError(f"{type(module).__name__} has submodules and no parameters of its own; "
+                                    f"serve its submodules")
     if isinstance(module, MultiDeltaLayer):
         return module
     return cls(module, cache_dequantized) if cls is MultiDeltaLinear else cls(module)

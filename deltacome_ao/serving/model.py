@@ -30,7 +30,7 @@ from ..compress import compressed_layers
 from ..fingerprint import same
 from ..finetune_config import NEUTRAL, differing_fields
 from ..format import read_delta_config, spec_key
-from .layers import MultiDeltaLayer, wrap_module, wrapper_class
+from .layers import MultiDeltaLayer, is_unit, wrap_module, wrapper_class
 from .routing import BASE, DeltaInUseError, Routing, UnknownDeltaError, UnsupportedDeltaError, routing
 
 __all__ = ["MultiDeltaModel"]
@@ -53,6 +53,17 @@ def _routes_tokens(root: torch.nn.Module, name: str) -> bool:
         if i < len(parts) and hasattr(module, "experts"):
             return True
     return False
+
+
+def _unit_of(root: torch.nn.Module, owner: str) -> str:
+    """The module serving the tensors of module `owner` per row: its outermost ancestor (or itself) that
+    has parameters of its own and children (`layers.is_unit`), else `owner` itself. Structural, so
+    every delta is served by the same modules."""
+    parts = owner.split(".") if owner else []
+    for i in range(1, len(parts) + 1):
+        if is_unit(root.get_submodule(".".join(parts[:i]))):
+            return ".".join(parts[:i])
+    return owner
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -170,11 +181,19 @@ class MultiDeltaModel(torch.nn.Module):
         kept_names = set(document.get("kept", []))
         kept_names |= {alias for alias, target in document.get("aliases", {}).items() if target in kept_names}
         dense, refused = {}, []
+        units = {owner: _unit_of(self._skeleton, owner) for owner in layers}
+        inside = [o for o, u in units.items() if u != o]
+        if inside:  # a compressed layer inside a module served as one unit (see layers.MultiDeltaModule)
+            raise UnsupportedDeltaError(
+                f"the delta compresses {few(inside)}, inside {few(sorted({units[o] for o in inside}))}, whose parameters "
+                f"are served per row as one unit; serve this fine-tune alone with artifact.load_delta")
         for key in sorted(kept_names):
             value = get_tensor(loaded, key)
             if key in base_state and same(value.detach(), base_state[key].detach()):
                 continue  # stored (e.g. saved without a base) but equal to the base's: nothing to serve
             owner, leaf = _split(key)
+            unit = _unit_of(self._skeleton, owner)  # a parameter inside a unit is served by the unit
+            owner, leaf = unit, key[len(unit) + 1:] if unit else key
             module = self._skeleton.get_submodule(owner) if owner else self._skeleton
             cls = wrapper_class(module)
             # a compressed layer's weight is never a kept tensor; MoE routers and experts see the tokens
