@@ -16,8 +16,7 @@ plus full-rank noise (0.2%), each vector (norms, biases) by 2% noise. `check` th
 - the Hugging Face round trip through the model's *own* `save_pretrained` -> `from_pretrained`
   (bit-identical logits);
 - `MultiDeltaModel`: a batch mixing the two fine-tunes and the base, each row against that model
-  alone — or, where a mixed batch cannot give every row its own model (stacked MoE experts), that
-  `load_delta` refuses it with `UnsupportedDeltaError`;
+  alone (or, where a mixed batch could not give every row its own model, the refusal at `load_delta`);
 - the delta's size: compressed bytes against the fp16 bytes of the parameters it covers.
 """
 

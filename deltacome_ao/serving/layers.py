@@ -32,7 +32,7 @@ from ..ops import segmented_delta
 from .routing import Routing, UnknownDeltaError, UnsupportedDeltaError, current_routing, resolve_routing
 
 __all__ = ["DeltaEntry", "MultiDeltaLayer", "MultiDeltaLinear", "MultiDeltaEmbedding", "MultiDeltaModule",
-           "wrap_module", "wrapper_class", "is_unit"]
+           "wrap_module", "wrapper_class", "is_unit", "is_moe_block"]
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class DeltaEntry:
     def nbytes(self) -> int:
         n = self.delta.delta_nbytes() if self.delta is not None else 0
         for t in (*(self.cache or ()), *(self.dense or {}).values()):
-            n += t.numel() * t.element_size()
+            n += t.delta_nbytes() if isinstance(t, DeltaTensor) else t.numel() * t.element_size()
         return n
 
     def changes(self) -> bool:
@@ -360,9 +360,16 @@ def wrapper_class(module: torch.nn.Module) -> Optional[type]:
         return MultiDeltaEmbedding
     if isinstance(module, torch.nn.Linear) or is_conv1d(module):
         return MultiDeltaLinear
-    if next(module.children(), None) is None or is_unit(module):
+    if next(module.children(), None) is None or is_unit(module) or is_moe_block(module):
         return MultiDeltaModule
     return None
+
+
+def is_moe_block(module: torch.nn.Module) -> bool:
+    """A mixture-of-experts block (its `experts` child stacks the experts): served per row as one unit,
+    its compressed experts included (batch-first outside; inside, the tokens are regrouped by expert)."""
+    experts = getattr(module, "experts", None)
+    return isinstance(experts, torch.nn.Module) and isinstance(getattr(experts, "num_experts", None), int)
 
 
 def is_unit(module: torch.nn.Module) -> bool:

@@ -30,7 +30,7 @@ from ..compress import compressed_layers
 from ..fingerprint import same
 from ..finetune_config import NEUTRAL, differing_fields
 from ..format import read_delta_config, spec_key
-from .layers import MultiDeltaLayer, is_unit, wrap_module, wrapper_class
+from .layers import MultiDeltaLayer, is_moe_block, is_unit, wrap_module, wrapper_class
 from .routing import BASE, DeltaInUseError, Routing, UnknownDeltaError, UnsupportedDeltaError, routing
 
 __all__ = ["MultiDeltaModel"]
@@ -43,25 +43,20 @@ def _structural_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _routes_tokens(root: torch.nn.Module, name: str) -> bool:
-    """`name` is (or lies inside) a mixture-of-experts block: its modules get the batch's tokens flattened."""
-    parts = name.split(".") if name else []
-    for i in range(len(parts), 0, -1):  # the module and its ancestors, the model itself excluded
-        module = root.get_submodule(".".join(parts[:i]))
-        if any(isinstance(getattr(module, a, None), int) for a in ("num_experts", "top_k", "num_experts_per_tok")):
-            return True
-        if i < len(parts) and hasattr(module, "experts"):
-            return True
-    return False
+def _serves_flat_tokens(module: torch.nn.Module) -> bool:
+    """A mixture-of-experts block: batch-first in and out, its router and experts see the tokens flattened."""
+    return is_moe_block(module)
 
 
 def _unit_of(root: torch.nn.Module, owner: str) -> str:
     """The module serving the tensors of module `owner` per row: its outermost ancestor (or itself) that
-    has parameters of its own and children (`layers.is_unit`), else `owner` itself. Structural, so
-    every delta is served by the same modules."""
+    is a mixture-of-experts block (batch-first outside, the tokens flattened and regrouped by expert
+    inside) or has parameters of its own and children (`layers.is_unit`), else `owner` itself.
+    Structural, so every delta is served by the same modules."""
     parts = owner.split(".") if owner else []
     for i in range(1, len(parts) + 1):
-        if is_unit(root.get_submodule(".".join(parts[:i]))):
+        module = root.get_submodule(".".join(parts[:i]))
+        if is_moe_block(module) or is_unit(module):
             return ".".join(parts[:i])
     return owner
 
@@ -149,16 +144,8 @@ class MultiDeltaModel(torch.nn.Module):
             return delta_id
 
     def _refuse_unservable(self, document: dict) -> None:
-        """What a mixed batch cannot give each row as its model alone would, refused before any work:
-        stacked MoE experts (the experts see the batch's tokens flattened and regrouped by expert, not by
-        row), and a config that differs from the base's in a field that changes the outputs (one batch
-        runs one config)."""
-        stacks = [n for n, spec in document["layers"].items() if len(spec.get("shape", ())) == 3]
-        if stacks:
-            raise UnsupportedDeltaError(
-                f"the delta compresses stacked MoE experts ({few(stacks)}), which cannot be served per row in a mixed "
-                f"batch (the experts see the batch's tokens flattened and regrouped by expert); serve this fine-tune "
-                f"alone with artifact.load_delta / DeltaCoMeModel.from_pretrained")
+        """What a mixed batch cannot give each row as its model alone would, refused before any work: a
+        config that differs from the base's in a field that changes the outputs (one batch runs one config)."""
         differ = {k: v for k, v in differing_fields(self._skeleton, document.get("model_config")).items() if k not in NEUTRAL}
         if differ:
             shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(differ.items())[:3])
@@ -168,25 +155,29 @@ class MultiDeltaModel(torch.nn.Module):
                 f"artifact.load_delta / DeltaCoMeModel.from_pretrained, which applies the fine-tune's config")
 
     def _plan(self, loaded: torch.nn.Module, document: dict):
-        """-> ({module: compressed weight}, {module: {leaf: dense tensor}}) of one delta loaded onto a
-        structural copy; refuses what cannot be served per row."""
-        layers, by_key = {}, {}
+        """-> ({module: compressed weight}, {module: {leaf: tensor}}) of one delta loaded onto a structural
+        copy; refuses what cannot be served per row. A tensor inside a module served as one unit (a
+        mixture-of-experts block, or a module with parameters and children: `_unit_of`) — compressed
+        (stacked experts, a shared expert's projections) or not (routers, norms) — is a replacement of
+        that unit's tensor under its nested name."""
+        layers, by_key, dense, refused = {}, {}, {}, []
         for name, spec in document["layers"].items():
-            owner, _, leaf = spec_key(name, spec).rpartition(".")
-            layers[owner] = by_key[spec_key(name, spec)] = loaded.get_submodule(owner)._parameters[leaf]
+            key = spec_key(name, spec)
+            owner, leaf = _split(key)
+            by_key[key] = loaded.get_submodule(owner)._parameters[leaf]
+            unit = _unit_of(self._skeleton, owner)
+            if unit != owner or by_key[key].dim() == 3:
+                if not _serves_flat_tokens(self._skeleton.get_submodule(unit)) and by_key[key].dim() == 3:
+                    refused.append(f"{key} (stacked experts outside a mixture-of-experts block)")
+                dense.setdefault(unit, {})[key[len(unit) + 1:]] = by_key[key]
+            else:
+                layers[owner] = by_key[key]
         for alias, target in document.get("aliases", {}).items():  # a compressed table tied to lm_head
             if target in by_key:
                 layers[_split(alias)[0]] = by_key[target]
         base_state = dict(self._skeleton.state_dict(keep_vars=True))
         kept_names = set(document.get("kept", []))
         kept_names |= {alias for alias, target in document.get("aliases", {}).items() if target in kept_names}
-        dense, refused = {}, []
-        units = {owner: _unit_of(self._skeleton, owner) for owner in layers}
-        inside = [o for o, u in units.items() if u != o]
-        if inside:  # a compressed layer inside a module served as one unit (see layers.MultiDeltaModule)
-            raise UnsupportedDeltaError(
-                f"the delta compresses {few(inside)}, inside {few(sorted({units[o] for o in inside}))}, whose parameters "
-                f"are served per row as one unit; serve this fine-tune alone with artifact.load_delta")
         for key in sorted(kept_names):
             value = get_tensor(loaded, key)
             if key in base_state and same(value.detach(), base_state[key].detach()):
@@ -196,19 +187,17 @@ class MultiDeltaModel(torch.nn.Module):
             owner, leaf = unit, key[len(unit) + 1:] if unit else key
             module = self._skeleton.get_submodule(owner) if owner else self._skeleton
             cls = wrapper_class(module)
-            # a compressed layer's weight is never a kept tensor; MoE routers and experts see the tokens
-            # flattened (not batch-first), so a row cannot be given its own
-            ok = (cls is not None and cls.serves(module, leaf) and not (owner in layers and leaf == "weight")
-                  and not _routes_tokens(self._skeleton, owner))
-            if not ok:
+            # a compressed layer's weight is never a kept tensor
+            if cls is None or not cls.serves(module, leaf) or (owner in layers and leaf == "weight"):
                 refused.append(f"{key} ({type(module).__name__})")
                 continue
             dense.setdefault(owner, {})[leaf] = value.detach()
         if refused:
             raise UnsupportedDeltaError(
                 f"the delta changes tensors that cannot be swapped per row: {few(refused)}; only "
-                "projection deltas, nn.Embedding tables, nn.Linear weights/biases (e.g. lm_head) and parameters of "
-                "leaf modules such as norms can be served in a mixed batch — serve this fine-tune alone with artifact.load_delta")
+                "compressed layers, nn.Embedding tables, nn.Linear weights/biases (e.g. lm_head) and parameters of "
+                "modules with a batch-first forward (norms, MoE blocks) can be served in a mixed batch — serve this "
+                "fine-tune alone with artifact.load_delta")
         return layers, dense
 
     def _multi(self, module_name: str) -> torch.nn.Module:
