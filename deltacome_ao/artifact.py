@@ -291,6 +291,9 @@ def load_delta(base_model: torch.nn.Module, delta_dir: str | os.PathLike, verify
     and dtypes. A mismatch raises `BaseMismatchError` naming what differs; a malformed artifact
     `DeltaFormatError`. Every check happens before anything changes: a failed load leaves the base
     as it was. The compressed layers wrap the base module's own weight (no copy when the dtypes agree).
+    Config fields the fine-tune changed (RoPE scaling, norm epsilon, ...; the artifact's `model_config`)
+    are applied to the model (`finetune_config.apply_finetune_config`); one that changes the structure
+    raises `ConfigMismatchError`, before anything changes.
     """
     if verify not in VERIFY_LEVELS:
         raise ValueError(f"verify must be one of {VERIFY_LEVELS}, got {verify!r}")

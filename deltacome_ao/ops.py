@@ -21,7 +21,7 @@ import torch
 from .factors import TENSOR_NAMES, PackedFactors, low_rank_term
 
 __all__ = ["delta_linear", "delta_only_linear", "delta_linear_reference", "segmented_delta_linear",
-           "grouped_delta_linear", "grouped_delta_linear_reference", "expert_of_rows",
+           "grouped_delta_linear", "grouped_delta_linear_reference", "expert_major",
            "segmented_delta", "segmented_reference", "segmented_delta_linear_reference", "unflatten_segments", "low_rank_term"]
 
 _N = len(TENSOR_NAMES)
@@ -161,18 +161,9 @@ def segmented_delta(y: torch.Tensor, x: torch.Tensor, groups) -> torch.Tensor:
 # --- a stack of expert matrices (MoE): every expert of a call in one operator -------------------------
 
 
-def expert_of_rows(counts, num_experts: int, device=None) -> torch.Tensor:
-    """The expert of each stored singular vector of a stack whose bands hold every expert's vectors band
-    by band (band b: `counts[b]` vectors of expert 0, then of expert 1, ...), as a (E·Σcounts,) int64."""
-    experts = torch.arange(num_experts, device=device)
-    parts = [experts.repeat_interleave(int(c)) for c in counts]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
-
-
-def _grouped_base(x: torch.Tensor, base_weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """`x[rows of e] W_base,eᵀ` for every expert e (rows past offs[-1]: zero), one grouped matmul where
-    torch has one for these strides, else a loop over the experts that have rows."""
-    w = base_weight.to(x.dtype).transpose(-2, -1)  # (E, in, out)
+def _grouped(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows offs[e-1]:offs[e] of `x` times `w[e]` (E, k, n), for every e: torch's grouped matmul where it
+    has one for these strides, else a loop over the experts that have rows. Rows past offs[-1]: zero."""
     y = None
     grouped = getattr(torch.nn.functional, "grouped_mm", None)
     if grouped is not None:
@@ -193,24 +184,46 @@ def _grouped_base(x: torch.Tensor, base_weight: torch.Tensor, offs: torch.Tensor
     return y
 
 
+def expert_major(factors: PackedFactors, num_experts: int, multiple: int = 8):
+    """The dequantized factors of a stack (bands holding all experts' vectors band by band) per expert:
+    (V̂ (E, r, in), Ûᵀ (E, r, out), s (E, r)) in fp32, r padded with zero vectors to a multiple of
+    `multiple` (grouped matmuls want 16-byte strides)."""
+    v, ut = factors.dequantize()
+    vs, uts, ss, start = [], [], [], 0
+    for count in factors.counts:
+        c = count // num_experts
+        vs.append(v[start:start + count].reshape(num_experts, c, -1))
+        uts.append(ut[start:start + count].reshape(num_experts, c, -1))
+        ss.append(factors.s[start:start + count].reshape(num_experts, c))
+        start += count
+    rank = sum(c // num_experts for c in factors.counts)
+    pad = -rank % multiple
+    if pad:
+        vs.append(v.new_zeros(num_experts, pad, factors.in_features))
+        uts.append(ut.new_zeros(num_experts, pad, factors.out_features))
+        ss.append(factors.s.new_zeros(num_experts, pad))
+    return torch.cat(vs, 1), torch.cat(uts, 1), torch.cat(ss, 1).float()
+
+
 def grouped_delta_linear_reference(x: torch.Tensor, offs: torch.Tensor, base_weight: torch.Tensor,
                                    factors: PackedFactors) -> torch.Tensor:
-    """Reference of `grouped_delta_linear`. The delta term of every expert comes from one pair of matmuls
-    over all experts' vectors at once (`x V̂ᵀ`, then the vectors of other experts masked out, then
-    `· s Ûᵀ`): no loop over experts; the factors are unpacked once per band for all experts."""
+    """Reference of `grouped_delta_linear`: three grouped matmuls over all experts at once — the base
+    (`x W_base,eᵀ`), then `x V̂_eᵀ`, scaled by s_e, then `· Û_eᵀ` — no loop over experts (where torch has
+    a grouped matmul for the strides); the factors are unpacked once per band for all experts."""
     num_experts = base_weight.shape[0]
-    y = _grouped_base(x, base_weight, offs)
+    y = _grouped(x, base_weight.to(x.dtype).transpose(-2, -1), offs)
     if factors.rank == 0:
         return y
-    v, ut = factors.dequantize()  # (E·r, in), (E·r, out), band-major
+    v, ut, s = expert_major(factors, num_experts)
     sizes = torch.diff(offs.to(torch.long), prepend=offs.new_zeros(1, dtype=torch.long))
     token_expert = torch.repeat_interleave(torch.arange(num_experts, device=x.device), sizes)
-    if token_expert.numel() < x.shape[0]:
-        token_expert = torch.cat([token_expert, token_expert.new_full((x.shape[0] - token_expert.numel(),), -1)])
-    rows = expert_of_rows([c // num_experts for c in factors.counts], num_experts, x.device)
-    z = (x.float() @ v.T) * factors.s
-    z = z * (token_expert[:, None] == rows[None, :])
-    return (y.float() + z @ ut).to(x.dtype)
+    end = token_expert.numel()
+    z = _grouped(x.float(), v.transpose(-2, -1), offs)  # (S, r)
+    z[:end] *= s[token_expert]
+    y = (y.float() + _grouped(z, ut, offs)).to(x.dtype)
+    if end < x.shape[0]:
+        y[end:] = 0
+    return y
 
 
 @torch.library.custom_op("deltacome::grouped_delta_linear", mutates_args=())

@@ -11,9 +11,9 @@ kind stacks them so that a layer's experts are one weight, stored and served as 
   band, not per expert; experts with fewer vectors (a delta of lower numerical rank) are padded with
   zero vectors to the common bands;
 - `torch.nn.functional.grouped_mm(x, w.transpose(-2, -1), offs)` on it (what transformers' experts
-  forward calls) runs one `deltacome::grouped_delta_linear` operator for all experts of the call: the
-  base term as one grouped matmul, the delta term of every expert from one pair of matmuls over the
-  stacked vectors (`ops.grouped_delta_linear_reference`);
+  forward calls) runs one `deltacome::grouped_delta_linear` operator for all experts of the call:
+  three grouped matmuls, the base term, `x V̂_eᵀ` and `· s_e Û_eᵀ`, each over all experts at once
+  (`ops.grouped_delta_linear_reference`);
 - `w[e]` (transformers' eager experts loop) is expert e as a `MixedPrecisionDeltaTensor`.
 
 Attributes: `bits`, `counts` (per expert), `group_size`, `in_out` (0: shape (E, out, in), the layout of
@@ -30,7 +30,7 @@ import torch
 from ..allocate import FP16_BITS, Band
 from ..delta_tensor import DeltaTensor
 from ..factors import PackedFactors
-from ..ops import expert_of_rows, grouped_delta_linear
+from ..ops import expert_major, grouped_delta_linear
 from ..packing import band_offsets, pack_rows, unpack_rows
 from . import register_kind
 from .mixed_precision import MixedPrecisionDeltaTensor
@@ -154,11 +154,8 @@ class MixedPrecisionExpertsTensor(DeltaTensor):
 
     def expert_major(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(Ûᵀ (E, r, out), s (E, r), V̂ (E, r, in)) in fp32, each expert's vectors in band order."""
-        v, ut = self.factors.dequantize()
-        experts, rank = self.num_experts, sum(self.counts)
-        order = torch.argsort(expert_of_rows(self.counts, experts, v.device), stable=True)
-        return (ut[order].reshape(experts, rank, -1), self.s[order].reshape(experts, rank),
-                v[order].reshape(experts, rank, -1))
+        v, ut, s = expert_major(self.factors, self.num_experts, multiple=1)
+        return ut, s, v
 
     def delta_weight(self) -> torch.Tensor:
         ut, s, v = self.expert_major()

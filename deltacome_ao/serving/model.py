@@ -6,11 +6,14 @@ checks are the artifact's own), wraps every module a delta touches in its multi-
 (`layers.py`), and routes each batch row to its delta: `model(input_ids, delta_ids=[...])`,
 `model.generate(input_ids, delta_ids=[...], ...)`.
 
-Kept (non-linear) tensors of a delta — those that differ from the base — are served per row when
-they are the weight of an `nn.Embedding`, the weight / bias of an `nn.Linear` (e.g. `lm_head`), or
-parameters of any other leaf module with a batch-first forward, such as the RMSNorm / LayerNorm
-weights every full fine-tune changes. Buffers and parameters of modules with children are refused
-with `UnsupportedDeltaError`. See docs/serving.md.
+Kept (non-matmul) tensors of a delta — those that differ from the base — are served per row when
+they are the weight of an `nn.Embedding` (through the embedding's own forward: Gemma's scale), the
+weight / bias of an `nn.Linear` or `Conv1D` (e.g. `lm_head`), or parameters of any other leaf module
+with a batch-first forward, such as the RMSNorm / LayerNorm weights every full fine-tune changes.
+A mixture-of-experts block, and a module with parameters of its own and children (CLIP's vision
+embeddings), are served as one unit: every tensor of a delta inside it, compressed experts included,
+replaces the unit's own for that delta's rows. Buffers, and a delta whose config differs from the
+base's in a field that changes outputs, are refused with `UnsupportedDeltaError`. See docs/serving.md.
 """
 
 from __future__ import annotations
