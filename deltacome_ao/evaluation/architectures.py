@@ -146,7 +146,8 @@ def inputs_for(arch: Arch, model: torch.nn.Module, batch: int = 3, length: int =
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 @torch.no_grad()
