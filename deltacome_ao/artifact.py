@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoint import BaseWeights, few, unaliased, write_dir_atomic
-from .compress import compressed_layers
+from .compress import compressed_layers, coverage_summary, notify_compressed, uncompressed_reason
 from .config import DeltaCoMeConfig
 from .delta_tensor import DeltaTensor, dtype_name, parse_dtype
 from .fingerprint import (
@@ -54,15 +54,17 @@ from .format import (
     document_text,
     flatten_state_dict,
     inner_layout,
+    layer_key,
     layer_spec,
     method_fields,
     model_config,
     read_delta_config,
     shell,
+    spec_key,
     tensor_record,
     verify_artifact,
-    weight_key,
 )
+from .finetune_config import apply_finetune_config
 from .hub import CARD_NAME, base_reference, model_card, resolve_delta_dir
 from .restore import LoadRecord, remember, unload
 from .version import __version__
@@ -136,14 +138,13 @@ def save_delta(
     if isinstance(base, DeltaCoMeConfig):
         config, base = base, base.base
     base_name, base_revision = base_reference(base, base_model_name_or_path, base_revision)
-    weight_keys = {weight_key(n): n for n in layers}
-    state, model_aliases = unaliased(
-        (k, v) for k, v in model.state_dict(keep_vars=False).items() if k not in weight_keys
-    )
+    weight_keys = {layer_key(n, w.dim()): n for n, w in layers.items()}
+    state, model_aliases = unaliased(model.state_dict(keep_vars=False).items())  # ties of compressed tables too
+    state = {k: v for k, v in state.items() if k not in weight_keys}
     tensors: dict[str, torch.Tensor] = {}
     for name, w in layers.items():
         for inner, t in w.delta_tensors().items():
-            tensors[f"{weight_key(name)}{SEP}{inner}"] = t.detach().contiguous()
+            tensors[f"{layer_key(name, w.dim())}{SEP}{inner}"] = t.detach().contiguous()
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if base is None:
         kept = dict(state)
@@ -157,8 +158,18 @@ def save_delta(
         aliases=dict(model_aliases), fingerprint=fp, model_dtype=next((p.dtype for p in model.parameters()), torch.float32),
         model_config=model_config(getattr(model, "config", None)), config=config, metadata=metadata,
         base_model_name_or_path=base_name, base_revision=base_revision, card=model_card,
+        coverage=_coverage(model, layers, kept) if base is not None else None,
     ).write(out, overwrite)
     return out
+
+
+def _coverage(model, layers, kept) -> dict:
+    """The coverage section of delta_config.json: the compressed layers and the kept (changed,
+    uncompressed) tensors, each with the reason it is not compressed (`compress.coverage_summary`)."""
+    compressed = {layer_key(n, w.dim()): w.numel() for n, w in layers.items()}
+    skipped = getattr(model, "deltacome_skipped", None)
+    reasons = {k: uncompressed_reason(model, k, skipped) for k in kept}
+    return coverage_summary({**compressed, **{k: v.numel() for k, v in kept.items()}}, compressed, reasons)
 
 
 def _diff_against_base(weights: BaseWeights, layers, weight_keys, state, model_type):
@@ -210,6 +221,7 @@ class DeltaArtifact:
     base_model_name_or_path: Optional[str] = None  # the base's Hub id or path (hub.base_reference)
     base_revision: Optional[str] = None
     card: bool = True  # also write README.md (hub.model_card)
+    coverage: Optional[dict] = None
 
     def document(self) -> dict:
         """The `delta_config.json` content: the fields below, the dtype, shape and sha256 of every
@@ -235,6 +247,7 @@ class DeltaArtifact:
             # optional (absent in artifacts written before them): which base, for people and the Hub
             "base_model_name_or_path": self.base_model_name_or_path,
             "base_revision": self.base_revision,
+            **({"coverage": self.coverage} if self.coverage is not None else {}),
         }
         # the digest is over what a reader parses (JSON turns tuples into lists, keys into strings)
         document = json.loads(json.dumps(document, allow_nan=True))
@@ -327,6 +340,9 @@ def load_delta(base_model: torch.nn.Module, delta_dir: str | os.PathLike, verify
     before anything changes: a failed load leaves the base as it was. The compressed layers wrap
     the base module's own weight (never a copy) and take the base's dtype; a kept tensor stored in
     another floating dtype than the base's is cast to it (with one warning).
+    Config fields the fine-tune changed (RoPE scaling, norm epsilon, ...; the artifact's `model_config`)
+    are applied to the model (`finetune_config.apply_finetune_config`); one that changes the structure
+    raises `ConfigMismatchError`, before anything changes.
     """
     if verify not in VERIFY_LEVELS:
         raise ValueError(f"verify must be one of {VERIFY_LEVELS}, got {verify!r}")
@@ -365,10 +381,13 @@ def load_delta(base_model: torch.nn.Module, delta_dir: str | os.PathLike, verify
             raise BaseMismatchError(f"{alias}: tied in the delta to {target!r} of shape {tuple(value.shape)}, but the "
                                     f"base model's {alias} has shape {tuple(current.shape)}")
 
+    # the fine-tune's config (fields that differ from the base's): checked before anything changes
+    apply_config = apply_finetune_config(base_model, document.get("model_config"), where=str(path))
     if keep_originals:
         originals = {n: get_tensor(base_model, n) for n in [*new, *aliases]}
         remember(base_model, LoadRecord(str(path), originals, document["base_fingerprint"]))
     # swap in: every value is built and checked; nothing below can fail short of a programming error
+    apply_config()
     for name, value in new.items():
         set_tensor(base_model, name, value)
     for alias, target in aliases.items():
@@ -379,7 +398,7 @@ def load_delta(base_model: torch.nn.Module, delta_dir: str | os.PathLike, verify
             f"the base's dtype (the fine-tune and the base had different dtypes when it was compressed)",
             stacklevel=2,
         )
-    _warn_config_differences(base_model, document.get("model_config"))
+    notify_compressed(base_model, {k: document.get(k) for k in ("method", "alpha", "group_size", "allocation", "calibrated")})
     return base_model
 
 
@@ -397,15 +416,16 @@ def _build(base_model, f: TensorFile, layers: Mapping[str, dict], kept, records)
     new: dict[str, torch.Tensor] = {}
     cast: list[str] = []
     for name, spec in layers.items():
-        key = weight_key(name)
+        key = spec_key(name, spec)
+        owner, _, leaf = key.rpartition(".")
         try:
-            module = base_model.get_submodule(name)
+            module = base_model.get_submodule(owner)
         except AttributeError:
             raise BaseMismatchError(f"{name}: the base model has no such module") from None
-        w = get_tensor(base_model, key)
+        w = module._parameters.get(leaf)
         if isinstance(w, DeltaTensor):
             raise ValueError(f"{name}: the base model already holds a compressed weight; load the delta onto a plain base")
-        if w is None or not isinstance(getattr(module, "weight", None), torch.Tensor) or list(w.shape) != spec["shape"]:
+        if not isinstance(w, torch.Tensor) or list(w.shape) != spec["shape"]:
             raise BaseMismatchError(f"{name}: weight {None if w is None else tuple(w.shape)}, the delta needs {tuple(spec['shape'])}")
         if not w.is_floating_point():
             raise BaseMismatchError(f"{name}: the base weight is {w.dtype}, a compressed layer needs a floating-point one")
@@ -431,19 +451,6 @@ def _build(base_model, f: TensorFile, layers: Mapping[str, dict], kept, records)
             cast.append(name)
         new[name] = t.to(device=current.device, dtype=current.dtype)
     return new, cast
-
-
-def _warn_config_differences(model: torch.nn.Module, stored: Optional[dict]):
-    current = model_config(getattr(model, "config", None))
-    if stored is None or current is None:
-        return
-    differ = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
-    if differ:
-        warnings.warn(
-            f"the fine-tuned model's config differs from the base's in {few(differ)}; the delta holds tensors "
-            f"only, so the base's values are in effect (see delta_config.json 'model_config')",
-            stacklevel=3,
-        )
 
 
 class DeltaCoMeModel:

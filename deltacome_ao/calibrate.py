@@ -151,58 +151,72 @@ def _differs_per_layer(root: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def calibrated_weights(root: nn.Module, targets, keys, config) -> dict:
-    """Compress `targets` ([(name, linear)], base tensor names `keys`) with GPTQ, layer by layer.
+def calibrated_weights(root: nn.Module, targets, config, compress_layer) -> dict:
+    """Compress `targets` (`compress.Layer`s) with GPTQ, decoder layer by decoder layer.
 
-    Returns {id(linear): compressed weight}. Targets outside the decoder layers are compressed
-    without calibration (with a warning). The model is left exactly as it was.
+    `compress_layer(layer, finetuned, base, config, hessian=None)` compresses one of them (the
+    caller's, so that Conv1D weights are compressed in their (out, in) orientation: the Hessian is
+    over the module's input either way), or returns None for one that stays dense. Returns
+    {(id(module), param): compressed weight or None}. Targets
+    outside the decoder layers, and stacked experts (their inputs depend on the routing, which is not
+    captured), are compressed without calibration, with a warning naming them. The model is left
+    exactly as it was.
     """
     samples = list(config.calibration)
     if not samples:
         raise ValueError("calibration= is empty; pass a list of input_ids tensors")
-    _, layers = find_decoder_layers(root, [m for _, m in targets])
+    _, layers = find_decoder_layers(root, [t.module for t in targets])
     owner = {}
     for index, layer in enumerate(layers):
         for sub_name, sub in layer.named_modules():
             owner[id(sub)] = (index, sub_name)
     by_layer: list[list] = [[] for _ in layers]
     weights = {}
-    outside = []
-    for (name, module), key in zip(targets, keys):
-        if id(module) in owner:
-            index, sub_name = owner[id(module)]
-            by_layer[index].append((name, sub_name, module, key))
+    outside, experts = [], []
+    for target in targets:
+        if target.form == "experts":
+            experts.append(target)
+        elif id(target.module) in owner:
+            index, sub_name = owner[id(target.module)]
+            by_layer[index].append((sub_name, target))
         else:
-            outside.append((name, module, key))
+            outside.append(target)
     if outside:
         warnings.warn(
             f"{len(outside)} selected layers lie outside the decoder layers and are compressed without "
-            f"calibration (first: {outside[0][0]!r})",
+            f"calibration (first: {outside[0].name!r})",
+            stacklevel=2,
+        )
+    if experts:
+        warnings.warn(
+            f"{len(experts)} stacked expert parameters are compressed without calibration: GPTQ needs each "
+            f"expert's own inputs, which depend on the routing (first: {experts[0].name!r})",
             stacklevel=2,
         )
     records = _capture(root, layers, samples, _differs_per_layer(root))
-    last = max(i for i, group in enumerate(by_layer) if group)
+    last = max((i for i, group in enumerate(by_layer) if group), default=-1)
     bar = tqdm(range(last + 1), desc=f"{config.method} delta (GPTQ)", disable=not config.progress, unit="layer")
     for index in bar:
         layer, group = layers[index], by_layer[index]
         hessians = _layer_hessians(layer, group, records, index) if group else {}
         compressed = {}
-        for name, sub_name, module, key in group:
-            finetuned = module.weight.detach()
-            base = config.base[key].to(device=finetuned.device, dtype=finetuned.dtype)
-            weight = config.compress(finetuned, base, name or "weight", hessian=hessians.pop(id(module)))
-            weights[id(module)] = weight
-            compressed[f"{sub_name}.weight"] = weight.dequantize(finetuned.dtype)
+        for sub_name, target in group:
+            finetuned = getattr(target.module, target.param).detach()
+            base = config.base[target.key].to(device=finetuned.device, dtype=finetuned.dtype)
+            weight = compress_layer(target, finetuned, base, config, hessian=hessians.pop(id(target.module)))
+            weights[(id(target.module), target.param)] = weight
+            if weight is not None:  # (None: stays dense, the next layer sees the fine-tuned weight)
+                compressed[f"{sub_name}.{target.param}" if sub_name else target.param] = weight.dequantize(finetuned.dtype)
         if index == last:
             continue  # no later layer needs its outputs
         for record in records:
             hidden, rest, kwargs = record
             out = torch.func.functional_call(layer, compressed, (hidden, *rest), kwargs[index])
             record[0] = _layer_output(out).detach()
-    for name, module, key in outside:
-        finetuned = module.weight.detach()
-        base = config.base[key].to(device=finetuned.device, dtype=finetuned.dtype)
-        weights[id(module)] = config.compress(finetuned, base, name or "weight")
+    for target in outside + experts:
+        finetuned = getattr(target.module, target.param).detach()
+        base = config.base[target.key].to(device=finetuned.device, dtype=finetuned.dtype)
+        weights[(id(target.module), target.param)] = compress_layer(target, finetuned, base, config)
     return weights
 
 
@@ -221,7 +235,7 @@ def _layer_hessians(layer: nn.Module, group, records, index: int) -> dict:
 
         return hook
 
-    handles = [module.register_forward_hook(make_hook(module)) for _, _, module, _ in group]
+    handles = [target.module.register_forward_hook(make_hook(target.module)) for _, target in group]
     try:
         for hidden, rest, kwargs in records:
             layer(hidden, *rest, **kwargs[index])
@@ -229,9 +243,10 @@ def _layer_hessians(layer: nn.Module, group, records, index: int) -> dict:
         for h in handles:
             h.remove()
     out = {}
-    for name, _, module, _ in group:
+    for _, target in group:
+        module = target.module
         if id(module) not in sums:
-            raise RuntimeError(f"{name or 'module'} never ran during calibration; cannot compute its Hessian")
+            raise RuntimeError(f"{target.name or 'module'} never ran during calibration; cannot compute its Hessian")
         total, count = sums[id(module)]
         out[id(module)] = total / max(count, 1)
     return out

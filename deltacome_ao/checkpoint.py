@@ -173,6 +173,10 @@ def alias_key(t: torch.Tensor):
     meaningful while every tensor compared is alive (a freed address can be reused)."""
     if t.device.type == "meta" or not t.numel():
         return None
+    names = getattr(t, "tensor_data_names", None)
+    if names is not None and type(t) not in (torch.Tensor, torch.nn.Parameter):
+        # a tensor subclass (a compressed weight) has no storage of its own: the identity of its inner tensors
+        return (type(t).__name__, *(alias_key(getattr(t, n)) for n in names))
     return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
@@ -195,8 +199,8 @@ def check_pair(base: BaseWeights, shapes: Mapping[str, tuple], compressed: Itera
     """Check a fine-tuned model against its base before any work; raise `CheckpointMismatchError`.
 
     shapes: {tensor name: shape} of the fine-tuned model (names relative to what is compressed).
-    compressed: the weight names that will be compressed (each must be in the base, 2-D, and have
-        a bias exactly when the base has one).
+    compressed: the weight names that will be compressed (each must be in the base, 2-D or a 3-D stack
+        of experts, and have a bias exactly when the base has one).
     strict: the two must hold the same tensor names (else only shared names are compared).
     ignore: base names to leave out (e.g. tied aliases a checkpoint does not store).
     """
@@ -238,8 +242,11 @@ def check_pair(base: BaseWeights, shapes: Mapping[str, tuple], compressed: Itera
                 f"the base must have the fine-tuned model's architecture"
             )
     for key in compressed:
-        if len(shapes[key]) != 2:
-            raise CheckpointMismatchError(f"{key}: a compressed weight must be 2-D, got shape {tuple(shapes[key])}")
+        if len(shapes[key]) not in (2, 3):
+            raise CheckpointMismatchError(
+                f"{key}: a compressed weight must be 2-D (or 3-D stacked experts), got shape {tuple(shapes[key])}")
+        if not key.endswith(".weight"):
+            continue
         bias = key[: -len("weight")] + "bias"
         if bias not in shapes and bias in in_base:
             raise CheckpointMismatchError(

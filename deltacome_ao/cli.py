@@ -19,6 +19,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import os
 import shutil
 import uuid
@@ -234,11 +235,13 @@ def _summary(document: dict, delta_dir: Optional[Path] = None) -> str:
     lines = [f"{'layer':<{width}}  {'shape':>11}  {'structure':<24} {'bits/param':>10} {'bytes':>10}"]
     params = 0
     for name, spec in layers.items():
-        out_f, in_f = spec["shape"]
-        params += out_f * in_f
+        n = 1
+        for d in spec["shape"]:
+            n *= d
+        params += n
         lines.append(
-            f"{name:<{width}}  {f'{out_f}x{in_f}':>11}  {_bands_text(spec):<24} "
-            f"{8 * spec['delta_bytes'] / (out_f * in_f):>10.3f} {spec['delta_bytes']:>10,}"
+            f"{name:<{width}}  {'x'.join(map(str, spec['shape'])):>11}  {_bands_text(spec):<24} "
+            f"{8 * spec['delta_bytes'] / n:>10.3f} {spec['delta_bytes']:>10,}"
         )
     nbytes = document.get("bytes", {})
     compressed, kept = nbytes.get("compressed", 0), nbytes.get("kept", 0)
@@ -250,10 +253,30 @@ def _summary(document: dict, delta_dir: Optional[Path] = None) -> str:
         f"({8 * compressed / max(params, 1):.3f} bits/param, {compressed / max(2 * params, 1):.4f} of fp16)",
         f"{len(document.get('kept', []))} kept tensors (embeddings, norms, lm_head, ...): {kept:,} bytes",
     ]
+    lines += _coverage_lines(document.get("coverage"))
     if delta_dir is not None:
         on_disk = sum(f.stat().st_size for f in Path(delta_dir).iterdir() if f.is_file())
         lines.append(f"total {compressed + kept:,} bytes of tensors; {_human(on_disk)} on disk in {delta_dir}")
     return "\n".join(lines)
+
+
+def _coverage_lines(coverage: Optional[dict]) -> list[str]:
+    """What the fine-tune changed that is not compressed, and why (delta_config.json "coverage")."""
+    if not coverage:
+        return []
+    lines = [
+        f"coverage: {coverage['compressed_params']:,} of {coverage['changed_params']:,} changed parameters compressed "
+        f"({100 * coverage['share']:.1f}%; {100 * coverage['share_outside_embeddings']:.1f}% outside the embeddings, "
+        f"whose {coverage['embedding_params']:,} changed parameters are reported apart)",
+    ]
+    by_reason: dict = {}
+    for name, entry in coverage.get("uncompressed", {}).items():
+        by_reason.setdefault(entry["reason"], []).append(name)
+    for reason, params in coverage.get("uncompressed_by_reason", {}).items():
+        names = by_reason.get(reason, [])
+        shown = ", ".join(names[:3]) + (f", ... (+{len(names) - 3})" if len(names) > 3 else "")
+        lines.append(f"  uncompressed ({reason}): {params:,} parameters in {len(names)} tensors: {shown}")
+    return lines
 
 
 # --- commands ----------------------------------------------------------------------------------------
@@ -528,7 +551,7 @@ def eval_(base, delta, pair, text_file, finetuned, problems, seq_len, verify):
     model = DeltaCoMeModel.from_pretrained(copy.deepcopy(base_model), delta, verify=verify)
     report = delta_report(model)
     nbytes = sum(r["delta_bytes"] for r in report)
-    bits = 8 * nbytes / max(sum(r["shape"][0] * r["shape"][1] for r in report), 1)
+    bits = 8 * nbytes / max(sum(math.prod(r["shape"]) for r in report), 1)
     torch.manual_seed(0)
     if pair is not None:
         from .evaluation.compare import format_table, measure_row
@@ -587,13 +610,15 @@ def merge(base, delta, out, dtype, overwrite):
             raise click.ClickException(f"{out} exists; pass --overwrite to replace it")
         if not (out / "config.json").is_file():
             raise click.ClickException(f"{out} is not a model directory; refusing to replace it")
+    from .format import layer_key
+
     read_delta_config(delta)  # a malformed artifact is reported before any model is loaded
-    model = DeltaCoMeModel.from_pretrained(_load(base), delta)
+    model = DeltaCoMeModel.from_pretrained(_load(base), delta)  # the fine-tune's config applied
     layers = compressed_layers(model)
     with torch.no_grad():
         for name, w in tqdm(layers.items(), desc="dequantize", unit="layer"):
-            module = model.get_submodule(name)
-            module.weight = torch.nn.Parameter(w.dequantize(), requires_grad=False)
+            owner, _, param = layer_key(name, w.dim()).rpartition(".")
+            setattr(model.get_submodule(owner), param, torch.nn.Parameter(w.dequantize(), requires_grad=False))
     if dtype != "auto":
         model = model.to(_torch_dtype(dtype))
 

@@ -22,7 +22,19 @@ from torchao.quantization.transform_module import register_quantize_module_handl
 
 from .allocate import OPTIMAL_CANDIDATES, SUPPORTED_BITS
 from .checkpoint import BaseWeights
-from .compress import compressed_layers, delta_report, plan_compression, select_layers, walk_modules
+from .compress import (
+    compressed_layers,
+    config_fields,
+    delta_report,
+    matmul_layers,
+    notify_compressed,
+    plan_compression,
+    record_skipped,
+    select_layers,
+    skipped_by_selection as _skipped,
+    swap_in,
+    walk_modules,
+)
 from .delta_tensor import DeltaTensor
 from .methods import ALLOCATIONS, get_method, method_names
 from .recipes import Recipe
@@ -53,7 +65,10 @@ class DeltaCoMeConfig(AOBaseConfig):
         baseline at the same budget: "single" (every kept vector at `single_bits`), "lowrank" (top
         vectors in fp16), "bitdelta" (sign + one scale).
     svd: "auto" | "exact" | "randomized".
-    recipe: which modules to compress; default from the model's `config.model_type`.
+    recipe: which matmul weights to compress, by name; default from the model's `config.model_type`
+        (every weight used as a matrix multiply: `nn.Linear`, `Conv1D`, stacked experts).
+    embeddings: also compress the deltas of the input / position embeddings and the output head (kept
+        exact by default, as in the paper).
     allocation: "paper" (the 8/3/2-bit schedule) or "optimal" (each singular vector's width from
         `candidates`, 0 = dropped, minimising the measured error within `alpha`); method "deltacome".
     calibration: None (data-free RTN) or an iterable of `input_ids` tensors (or dicts of model
@@ -82,6 +97,7 @@ class DeltaCoMeConfig(AOBaseConfig):
     act_order: bool = True
     target_correction: bool = False
     method_options: Mapping[str, Any] = field(default_factory=dict)
+    embeddings: bool = False
 
     def __post_init__(self):
         if self.base is None:
@@ -234,22 +250,26 @@ def deltacome_config(base, alpha: float = 1 / 16, method: str = "deltacome", **k
 
 # --- the quantize_ shortcut --------------------------------------------------------------------------
 
-# thread -> (the running call's outermost frame, {id(module): (id(its weight), visits left)} of the
-# modules the walk has still to visit, as the call's first step left them). Holding the frame keeps its identity from
+# thread -> (the running call's outermost frame, {id(module): (ids of its parameters, visits left)} of
+# the modules the walk has still to visit, as the call's first step left them). Holding the frame keeps its identity from
 # being reused by a later call; a finished call's entry is dropped, an aborted one's is replaced by
 # the thread's next call.
 _RUNS: dict = {}
 _RUNS_LOCK = threading.Lock()
 
 
-def _swap_all(root: torch.nn.Module, weights: dict) -> dict:
-    """Swap every planned weight into `root` (nothing can fail here); -> {id(module): id(weight)}."""
-    swapped = {}
-    for m in root.modules():
-        if id(m) in weights and id(m) not in swapped:
-            m.weight = torch.nn.Parameter(weights[id(m)], requires_grad=False)
-            swapped[id(m)] = id(m.weight)
-    return swapped
+
+
+def _plan_root(root, config, filter_fn, device):
+    """Plan every layer of `root` (nothing changes yet) -> ({id(module): {param: weight}}, skipped)."""
+    targets = select_layers(root, config, filter_fn)
+    skipped = _skipped(root, config, filter_fn, targets)
+    return plan_compression(root, config, targets, device, skipped), skipped
+
+
+def _finish(root, config, skipped) -> None:
+    record_skipped(root, skipped)
+    notify_compressed(root, config_fields(config))
 
 
 @register_quantize_module_handler(DeltaCoMeConfig)
@@ -261,46 +281,59 @@ def _quantize_handler(module: torch.nn.Module, config: DeltaCoMeConfig, paramete
         raise ValueError(f"DeltaCoMeConfig compresses a module's weight, not {parameter_name!r}")
     walk = current_walk()
     if walk is None or walk.fqn == "":  # handed the model itself: compress all of it at once
-        _swap_all(module, plan_compression(module, config, select_layers(module, config), walk.device if walk else None))
+        weights, skipped = _plan_root(module, config, None, walk.device if walk else None)
+        swap_in(module, weights)
+        _finish(module, config, skipped)
         return module
     if walk.fqn is not None:  # an FqnToConfig entry: this module, by its name in the root
         return _quantize_named(module, config, walk)
     thread = threading.get_ident()
     with _RUNS_LOCK:
         run = _RUNS.get(thread)
-        if run is not None and run[0] is walk.frame and run[1].get(id(module), (None,))[0] == id(module.weight):
-            weight_id, visits = run[1][id(module)]  # done by this call's first step
+        if run is not None and run[0] is walk.frame and run[1].get(id(module), (None,))[0] == _params(module):
+            params, visits = run[1][id(module)]  # done by this call's first step
             if visits > 1:
-                run[1][id(module)] = (weight_id, visits - 1)  # a module shared at several paths
+                run[1][id(module)] = (params, visits - 1)  # a module shared at several paths
             else:
                 del run[1][id(module)]
             if not run[1]:
                 del _RUNS[thread]
             return module
         _RUNS.pop(thread, None)  # a new call: whatever an earlier, aborted call left is stale
-    targets = select_layers(walk.root, config, walk.filter_fn)
+    # With torchao's default filter, the config's own selection applies (Conv1D and stacked experts too).
     later = [m for _, m in walk_modules(walk.root, walk.filter_fn) if m is not module]
-    _swap_all(walk.root, plan_compression(walk.root, config, targets, walk.device))
-    # every module the walk still visits: the weight it holds now (compressed or left as is), and how
-    # many more times the walk reaches it (once per path it sits at)
+    weights, skipped = _plan_root(walk.root, config, walk.user_filter, walk.device)
+    swap_in(walk.root, weights)
+    _finish(walk.root, config, skipped)
+    # every module the walk still visits: the parameters it holds now (compressed or left as is), and
+    # how many more times the walk reaches it (once per path it sits at)
     remaining = {}
     for m in later:
-        remaining[id(m)] = (id(m.weight), remaining.get(id(m), (None, 0))[1] + 1)
+        remaining[id(m)] = (_params(m), remaining.get(id(m), (None, 0))[1] + 1)
     if remaining:
         with _RUNS_LOCK:
             _RUNS[thread] = (walk.frame, remaining)
     return module
 
 
+def _params(module: torch.nn.Module) -> tuple:
+    return tuple(id(p) for p in module._parameters.values())
+
+
 def _quantize_named(module: torch.nn.Module, config: DeltaCoMeConfig, walk) -> torch.nn.Module:
-    """One `FqnToConfig` entry. An entry naming the module exactly compresses it; a pattern
-    (`re:...`) or `_default` entry compresses it only if the recipe selects it (as `compress_`)."""
-    if not isinstance(module, torch.nn.Linear):
+    """One `FqnToConfig` entry. An entry naming the module exactly compresses its matmul weights; a
+    pattern (`re:...`) or `_default` entry only those the config's selection picks (as `compress_`)."""
+    targets = matmul_layers(walk.root, lambda m, n: m is module, embeddings=True)
+    if not targets:
         raise ValueError(
-            f"FqnToConfig maps {walk.fqn!r} ({type(module).__name__}) to a DeltaCoMeConfig; map linear layers "
-            f"(or the whole model, '') to it, or use compress_(model, config, filter_fn=...)"
+            f"FqnToConfig maps {walk.fqn!r} ({type(module).__name__}) to a DeltaCoMeConfig; map modules holding "
+            f"a matmul weight (or the whole model, '') to it, or use compress_(model, config, filter_fn=...)"
         )
-    if not walk.exact and not [m for _, m in select_layers(walk.root, config) if m is module]:
-        return module
-    _swap_all(walk.root, plan_compression(walk.root, config, [(walk.fqn, module)], walk.device))
+    if not walk.exact:
+        selected = {(id(t.module), t.param) for t in select_layers(walk.root, config)}
+        targets = [t for t in targets if (id(t.module), t.param) in selected]
+        if not targets:
+            return module
+    swap_in(walk.root, plan_compression(walk.root, config, targets, walk.device))
+    notify_compressed(walk.root, config_fields(config))
     return module

@@ -29,6 +29,7 @@ import math
 from typing import Any, Mapping, Optional
 
 import torch
+from torch.utils._python_dispatch import return_and_correct_aliasing
 from torchao.utils import TorchAOBaseTensor
 
 __all__ = ["DeltaTensor", "DeltaSpecError", "DTYPE_NAMES", "dtype_name", "parse_dtype", "is_plain"]
@@ -70,8 +71,13 @@ def _is_int(v) -> bool:
 class DeltaTensor(TorchAOBaseTensor):
     """Base class of compressed delta weights (see the module docstring for the contract).
 
-    Shape and dtype are the base weight's: (out_features, in_features), the model dtype.
+    Shape and dtype are the base weight's: (out_features, in_features) — or (in, out) for the
+    transposed view a `Conv1D` holds, (E, out, in) for a stack of experts (`spec_ndim = 3`) — and the
+    model dtype.
     """
+
+    # dimensions of the weight: 2 for a matrix, 3 for a stack of expert matrices (`stack`)
+    spec_ndim = 2
 
     # --- what a kind provides ---------------------------------------------------------------------
 
@@ -96,6 +102,20 @@ class DeltaTensor(TorchAOBaseTensor):
         """The delta as `factors.PackedFactors` when the kind stores it that way (then serving batches
         it through the segmented kernel), else None (served through `delta_term`)."""
         return None
+
+    def transposed(self) -> "DeltaTensor":
+        """`Wᵀ` as a weight of the same kind (optional): what `w.t()`, `w.T` and the `x @ w` / `addmm`
+        forms of transformers' `Conv1D` and of `x @ self.weight.T` layers (Falcon) run through."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot be transposed: layers that multiply by Wᵀ (transformers' Conv1D, "
+            f"`x @ weight.T`) need a kind that implements DeltaTensor.transposed"
+        )
+
+    @classmethod
+    def stack(cls, weights: list) -> "DeltaTensor":
+        """One weight of shape (E, out, in) from E weights of this kind (optional): how stacked expert
+        parameters (transformers' MoE `experts.gate_up_proj`, ...) are stored and served."""
+        raise NotImplementedError(f"{cls.__name__} cannot stack expert matrices")
 
     # --- shared -----------------------------------------------------------------------------------
 
@@ -186,7 +206,7 @@ class DeltaTensor(TorchAOBaseTensor):
         """Raise `DeltaSpecError` if `spec` does not describe a weight of this kind."""
         attributes = cls.attributes_from_spec(spec, where)
         shape = spec.get("shape")
-        if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(d) and d > 0 for d in shape)):
+        if not (isinstance(shape, list) and len(shape) == cls.spec_ndim and all(_is_int(d) and d > 0 for d in shape)):
             raise DeltaSpecError(f"{where}: bad shape {shape!r}")
         dtype = parse_dtype(spec.get("dtype"), f"{where}: ")
         if not dtype.is_floating_point:
@@ -260,6 +280,21 @@ class DeltaTensor(TorchAOBaseTensor):
         if func in table:
             return table[func](func, types, args, kwargs or {})
         raise NotImplementedError(unsupported_op_message(cls.__name__, func))
+    def delta_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of Δ in fp32, shape (*ids.shape, in): what an embedding table adds to the base's
+        rows (`F.embedding` on a compressed table). Kinds override it to avoid forming Δ."""
+        return torch.nn.functional.embedding(ids, self.delta_weight())
+
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """`F.embedding(ids, W)` for a compressed table: the base rows plus the fp32 delta rows, rounded once."""
+        base = self.base_weight if is_plain(self.base_weight) else self.base_weight.dequantize()
+        rows = torch.nn.functional.embedding(ids, base)
+        return (rows.float() + self.delta_rows(ids)).to(self.dtype)
+
+    def rlinear(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`x W + b` with this weight used as an (in, out) matrix (transformers' `Conv1D` stores its
+        weight that way; `x @ weight.T` layers multiply by such a view): `linear` of `Wᵀ`."""
+        return self.transposed().linear(x, bias)
 
     def linear(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """`x Wᵀ + b`: the base matmul in the input dtype plus the fp32 delta term, rounded once."""
@@ -335,3 +370,62 @@ def _(func, types, args, kwargs):
     else:
         hint = "a compressed weight can only be copied from one of the same kind, shape and bands"
     raise ValueError(f"copy_: cannot copy {describe(src)} into {describe(dst)}; {hint}")
+# --- a weight used as an (in, out) matrix: Conv1D's addmm, `x @ W.T` -------------------------------------
+
+
+def _is_matrix(w) -> bool:
+    return isinstance(w, DeltaTensor) and w.spec_ndim == 2 and w.dim() == 2
+
+
+@implements([aten.t.default])
+def _(func, types, args, kwargs):
+    return return_and_correct_aliasing(func, args, kwargs, args[0].transposed())
+
+
+@implements([aten.permute.default])
+def _(func, types, args, kwargs):
+    w, dims = args[0], [d % args[0].dim() for d in args[1]]
+    if w.dim() == 2 and dims == [1, 0]:
+        return return_and_correct_aliasing(func, args, kwargs, w.transposed())
+    if w.dim() == 3 and dims == [0, 2, 1]:
+        return return_and_correct_aliasing(func, args, kwargs, w.transposed())
+    raise NotImplementedError(f"{type(w).__name__}: permute{tuple(args[1])} is not supported")
+
+
+@implements([aten.transpose.int])
+def _(func, types, args, kwargs):
+    w = args[0]
+    dims = sorted(d % w.dim() for d in args[1:3])
+    if dims == [w.dim() - 2, w.dim() - 1]:
+        return return_and_correct_aliasing(func, args, kwargs, w.transposed())
+    raise NotImplementedError(f"{type(w).__name__}: transpose{tuple(args[1:3])} is not supported")
+
+
+@implements_torch_function([torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm])
+def _(func, types, args, kwargs):
+    x, w = args[0], args[1]
+    if _is_matrix(w) and not isinstance(x, DeltaTensor):
+        return w.rlinear(x)
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(*args, **kwargs)
+
+
+@implements_torch_function([torch.addmm, torch.Tensor.addmm])
+def _(func, types, args, kwargs):
+    bias, x, w = args[0], args[1], args[2]
+    beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
+    if _is_matrix(w) and not isinstance(x, DeltaTensor) and beta == 1 and alpha == 1 and len(args) == 3:
+        return w.rlinear(x, bias)
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(*args, **kwargs)
+
+
+@implements_torch_function([torch.nn.functional.embedding])
+def _(func, types, args, kwargs):
+    ids = args[0]
+    w = args[1] if len(args) > 1 else kwargs.get("weight")
+    max_norm = args[3] if len(args) > 3 else kwargs.get("max_norm")
+    if _is_matrix(w) and not isinstance(ids, DeltaTensor) and max_norm is None:
+        return w.embedding(ids)  # padding_idx, scale_grad_by_freq, sparse only concern gradients
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(*args, **kwargs)

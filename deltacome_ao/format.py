@@ -33,7 +33,7 @@ from .methods import tensor_kind
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "CONFIG_NAME", "WEIGHTS_NAME", "SEP", "DOCUMENT_DIGEST",
-    "DeltaFormatError", "weight_key", "tensor_class", "check_spec", "layer_spec", "inner_layout", "shell", "assemble",
+    "DeltaFormatError", "weight_key", "layer_key", "spec_key", "tensor_class", "check_spec", "layer_spec", "inner_layout", "shell", "assemble",
     "stored_names", "flatten_state_dict", "read_delta_config", "verify_artifact", "method_fields", "model_config",
     "CONFIG_NOISE", "dtype_name", "parse_dtype", "TensorFile", "tensor_record", "check_tensor", "check_records",
     "document_digest", "document_text", "IntegrityWarning",
@@ -70,6 +70,19 @@ class IntegrityWarning(UserWarning):
 
 def weight_key(module_name: str) -> str:
     return f"{module_name}.weight" if module_name else "weight"
+
+
+def layer_key(name: str, ndim: int = 2) -> str:
+    """The state-dict key of compressed layer `name`: `<module>.weight` for a 2-D weight (the layer is
+    named by its module), the name itself for a 3-D stack of expert matrices (named by its parameter,
+    e.g. `model.layers.0.mlp.experts.gate_up_proj`). `ndim`: the layer spec's `len(shape)`."""
+    return name if ndim == 3 else weight_key(name)
+
+
+def spec_key(name: str, spec: Mapping) -> str:
+    """`layer_key` of a layer described by its spec."""
+    shape = spec.get("shape") if isinstance(spec, Mapping) else None
+    return layer_key(name, len(shape) if isinstance(shape, list) else 2)
 
 
 def tensor_class(spec: Any, where: str = "layer") -> type[DeltaTensor]:
@@ -124,7 +137,7 @@ def stored_names(layers: Mapping[str, Mapping], with_base: bool) -> set[str]:
     out = set()
     for name, spec in layers.items():
         inner = check_spec(spec, name).tensor_data_names
-        out |= {f"{weight_key(name)}{SEP}{n}" for n in (inner if with_base else inner[1:])}
+        out |= {f"{spec_key(name, spec)}{SEP}{n}" for n in (inner if with_base else inner[1:])}
     return out
 
 

@@ -12,7 +12,8 @@ The checkpoint is a standalone model: each compressed weight is stored as its in
 `<module>.weight:<inner>` (`base_weight` included), every other tensor as usual, and `config.json`'s
 `quantization_config` lists the structure of every compressed layer (tensor type, shape, dtype,
 bands, group size). On load the quantizer puts an empty tensor-subclass shell of exactly that
-structure in place of each listed `nn.Linear` weight before any tensor is read, checks that the
+structure in place of each listed weight (an `nn.Linear` / `Conv1D` / embedding `weight`, or a stacked
+expert parameter, stored as `<parameter>:<inner>`) before any tensor is read, checks that the
 checkpoint holds every inner tensor of every listed layer (and no others), and rebuilds each weight
 from its inner tensors with `format.assemble` (shapes and dtypes checked). Nothing is left at its
 random init: a listed layer that was not rebuilt is an error.
@@ -42,7 +43,7 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.quantizers_utils import get_module_from_name
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .compress import compressed_layers
+from .compress import compressed_layers, on_compressed
 from .config import DeltaCoMeConfig
 from .delta_tensor import DeltaTensor
 from .fingerprint import VERIFY_LEVELS, full_hash, is_sha256
@@ -56,9 +57,10 @@ from .format import (
     check_spec,
     flatten_state_dict,
     method_fields,
+    layer_key,
     shell,
+    spec_key,
     stored_names,
-    weight_key,
 )
 from .methods import tensor_kinds
 from .version import __version__
@@ -175,17 +177,19 @@ class DeltaCoMeDeserialize(ConversionOps):
         sha256, a wrong shape) is recorded and raised as `DeltaFormatError` once loading is over
         (transformers would turn an exception raised here into a generic conversion error)."""
         quantizer = self.hf_quantizer
-        module_name = full_layer_name.rpartition(".")[0]
-        spec = quantizer.quantization_config.modules.get(module_name)
-        if spec is None:
+        modules = quantizer.quantization_config.modules
+        module_name, _, param = full_layer_name.rpartition(".")
+        # a stack of experts is listed under its parameter's name, a 2-D weight under its module's
+        layer_name = full_layer_name if full_layer_name in modules else module_name
+        spec = modules.get(layer_name)
+        if spec is None or spec_key(layer_name, spec) != full_layer_name:
             raise DeltaFormatError(
                 f"{full_layer_name}: the checkpoint holds compressed-weight tensors for it but "
                 f"quantization_config lists no module {module_name!r}"
             )
         module, _ = get_module_from_name(model, full_layer_name)
-        target = module.weight  # the shell: its dtype is the one the model is loaded in
-        module._is_hf_initialized = True
-        quantizer.loaded.add(module_name)
+        target = getattr(module, param)  # the shell: its dtype is the one the model is loaded in
+        quantizer.loaded.add(layer_name)
         try:
             tensors = {}
             for key, values in input_dict.items():
@@ -198,11 +202,15 @@ class DeltaCoMeDeserialize(ConversionOps):
                 inner = key.split(SEP, 1)[1]
                 quantizer.check_digest(f"{full_layer_name}{SEP}{inner}", values[0])
                 tensors[inner] = values[0]
-            weight = assemble(spec, tensors, where=module_name, dtype=target.dtype)
+            weight = assemble(spec, tensors, where=layer_name, dtype=target.dtype)
         except DeltaFormatError as e:
             quantizer.failures.append(str(e))
             weight = shell(spec, device="cpu" if target.device.type == "meta" else target.device, dtype=target.dtype)
-        return {full_layer_name: torch.nn.Parameter(weight, requires_grad=False)}
+        loaded = torch.nn.Parameter(weight, requires_grad=False)
+        # the weight, not the module, is initialised: the module's other state (e.g. Gemma's non-persistent
+        # embedding scale) is still set by transformers' init
+        loaded._is_hf_initialized = True
+        return {full_layer_name: loaded}
 
 
 class DeltaCoMeHfQuantizer(HfQuantizer):
@@ -212,9 +220,12 @@ class DeltaCoMeHfQuantizer(HfQuantizer):
 
     @property
     def serialized_names(self) -> dict[str, list[str]]:
-        """The stored names of every registered tensor kind's inner tensors (`weight:<inner>`)."""
+        """The stored names of every registered tensor kind's inner tensors (`<param>:<inner>`), for
+        `weight` and for the parameters the checkpoint's stacked experts are (`gate_up_proj`, ...)."""
         inner = dict.fromkeys(n for cls in tensor_kinds().values() for n in cls.tensor_data_names)
-        return {"weight": [f"weight{SEP}{n}" for n in inner]}
+        modules = getattr(self.quantization_config, "modules", None) or {}
+        params = dict.fromkeys(["weight"] + [spec_key(n, s).rpartition(".")[2] for n, s in modules.items()])
+        return {p: [f"{p}{SEP}{n}" for n in inner] for p in params}
 
     def __init__(self, quantization_config: DeltaCoMeHfConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
@@ -253,21 +264,22 @@ class DeltaCoMeHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         modules = self.quantization_config.modules
         for name, spec in modules.items():
+            owner, _, param = spec_key(name, spec).rpartition(".")
             try:
-                module = model.get_submodule(name)
+                module = model.get_submodule(owner)
             except AttributeError:
                 raise DeltaFormatError(f"quantization_config lists {name!r}, which this model does not have") from None
-            w = getattr(module, "weight", None)
-            if not isinstance(module, torch.nn.Linear) or w is None or list(w.shape) != spec["shape"]:
+            w = module._parameters.get(param)
+            if w is None or list(w.shape) != spec["shape"]:
                 shape = None if w is None else tuple(w.shape)
                 raise DeltaFormatError(
-                    f"{name}: quantization_config describes a {tuple(spec['shape'])} linear weight, the model has "
-                    f"{type(module).__name__} with weight {shape}"
+                    f"{name}: quantization_config describes a {tuple(spec['shape'])} weight, the model has "
+                    f"{type(module).__name__} with {param} {shape}"
                 )
-            module.weight = torch.nn.Parameter(shell(spec, device=w.device, dtype=w.dtype), requires_grad=False)
+            setattr(module, param, torch.nn.Parameter(shell(spec, device=w.device, dtype=w.dtype), requires_grad=False))
         self._check_integrity_fields()
         if checkpoint_files:
-            self._check_checkpoint(checkpoint_files)
+            self._check_checkpoint(checkpoint_files, model)
         self.loaded, self.failures, self.verify = set(), [], _VERIFY.get()
 
     def _check_integrity_fields(self):
@@ -283,12 +295,13 @@ class DeltaCoMeHfQuantizer(HfQuantizer):
             have = set(config.digests or {})
             raise DeltaFormatError(f"quantization_config: field 'digests' must list every stored inner tensor: missing "
                                    f"{sorted(expected - have)[:4]}, unexpected {sorted(have - expected)[:4]}")
-        if config.modules and config.guard not in {weight_key(n) for n in config.modules}:
+        if config.guard is not None and config.guard not in {spec_key(n, spec) for n, spec in config.modules.items()}:
             raise DeltaFormatError(f"quantization_config: field 'guard' {config.guard!r} is not a listed layer's weight")
 
-    def _check_checkpoint(self, checkpoint_files):
+    def _check_checkpoint(self, checkpoint_files, model=None):
         """Every inner tensor of every listed layer is in the checkpoint (and the guard tensor), and no
-        other such tensor; every file is a readable safetensors file."""
+        other such tensor; every file is a readable safetensors file. Names as the model knows them:
+        transformers renames some on load (e.g. LLaVA's)."""
         keys, names = set(), set()
         for path in checkpoint_files:
             if not str(path).endswith(".safetensors"):
@@ -297,6 +310,9 @@ class DeltaCoMeHfQuantizer(HfQuantizer):
                 stored = f.keys()
             names.update(stored)
             keys.update(k for k in stored if SEP in k)
+        if model is not None:
+            keys = {_loaded_name(model, k) for k in keys}
+            names = {_loaded_name(model, k) for k in names}
         expected = stored_names(self.quantization_config.modules, with_base=True)
         missing, extra = sorted(expected - keys), sorted(keys - expected)
         guard = self.quantization_config.guard
@@ -315,8 +331,9 @@ class DeltaCoMeHfQuantizer(HfQuantizer):
         left = sorted(set(self.quantization_config.modules) - self.loaded)
         if left:
             raise RuntimeError(f"compressed layers not loaded from the checkpoint (would be uninitialised): {left[:4]}")
-        for name in self.quantization_config.modules:
-            w = model.get_submodule(name).weight
+        for name, spec in self.quantization_config.modules.items():
+            owner, _, param = spec_key(name, spec).rpartition(".")
+            w = model.get_submodule(owner)._parameters.get(param)
             if not isinstance(w, DeltaTensor) or any(getattr(w, n).device.type == "meta" for n in w.tensor_data_names):
                 raise RuntimeError(f"{name}: the compressed weight was not loaded")
         # Our converter is not a model weight conversion: get_state_dict_and_metadata already writes
@@ -331,7 +348,8 @@ class DeltaCoMeHfQuantizer(HfQuantizer):
     def _dequantize(self, model, dtype=None):
         """`model.dequantize()`: every compressed weight becomes the dense `W_base + delta`."""
         for name, w in compressed_layers(model).items():
-            model.get_submodule(name).weight = torch.nn.Parameter(w.dequantize(dtype or w.dtype), requires_grad=False)
+            owner, _, param = layer_key(name, w.dim()).rpartition(".")
+            setattr(model.get_submodule(owner), param, torch.nn.Parameter(w.dequantize(dtype or w.dtype), requires_grad=False))
         return model
 
     def get_load_operations(self) -> dict:
@@ -339,11 +357,17 @@ class DeltaCoMeHfQuantizer(HfQuantizer):
 
     def get_state_dict_and_metadata(self, model):
         layers = compressed_layers(model)
+        if not layers:  # every compressed weight was replaced (e.g. dequantized): save a plain model
+            self.remove_quantization_config(model)
+            return model.state_dict(), {}
+        _keep_stacks_out_of_conversions(model, layers)
         config = self.quantization_config
         config.modules = {name: w.spec() for name, w in layers.items()}  # config.json is written after this
         state = flatten_state_dict(model.state_dict())
         config.digests = {k: full_hash(v) for k, v in state.items() if SEP in k}  # every inner tensor
-        config.guard = weight_key(next(iter(layers))) if layers else None
+        # the guard sits on a 2-D layer's `<module>.weight` (stacked experts have other parameter names)
+        config.guard = next((k for k in (spec_key(n, s) for n, s in config.modules.items()) if k.endswith(".weight")),
+                            None)
         if config.guard is not None:
             state[config.guard] = _guard_tensor()
         config.format_version = FORMAT_VERSION
@@ -368,6 +392,47 @@ if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
     register_quantizer(QUANT_METHOD)(DeltaCoMeHfQuantizer)
 
 
+def _loaded_name(model, key: str) -> str:
+    """The name transformers gives the checkpoint tensor `key` (`<tensor>:<inner>`) when it loads it into
+    `model`: its weight renamings applied (LLaVA's `language_model.model.` -> `model.language_model.`, ...)."""
+    tensor, sep, inner = key.partition(SEP)
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+
+        renamings = [c for c in get_model_conversion_mapping(model) if isinstance(c, WeightRenaming)]
+        tensor, _ = rename_source_key(tensor, renamings, [], getattr(model, "base_model_prefix", None),
+                                      model.state_dict())
+    except (ImportError, TypeError, AttributeError):
+        pass
+    return f"{tensor}{sep}{inner}"
+
+
+def _keep_stacks_out_of_conversions(model, layers) -> None:
+    """Saving reverts the model's weight conversions (e.g. Mixtral's per-expert checkpoint tensors are
+    merged into one (E, ...) parameter on load, split again on save). A compressed stack of experts is
+    stored as its own inner tensors under its own name, so drop the conversions that would split it."""
+    stacks = [layer_key(n, w.dim()) for n, w in layers.items() if w.dim() == 3]
+    if not stacks:
+        return
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter
+    except ImportError:
+        return
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions is None:
+        conversions = get_model_conversion_mapping(model, add_legacy=False)
+    kept = []
+    for c in conversions:
+        targets = getattr(c, "target_patterns", None) or []
+        if isinstance(c, WeightConverter) and any(
+                re.search(t.replace("*", r"\d+") if isinstance(t, str) else t, k) for t in targets for k in stacks):
+            continue
+        kept.append(c)
+    model._weight_conversions = kept
+
+
 def enable_save_pretrained(model: torch.nn.Module, config: Optional[DeltaCoMeConfig] = None) -> torch.nn.Module:
     """Attach the deltacome quantizer to a model compressed with `quantize_`, so that
     `model.save_pretrained(dir)` writes a checkpoint `from_pretrained` can load.
@@ -384,6 +449,28 @@ def enable_save_pretrained(model: torch.nn.Module, config: Optional[DeltaCoMeCon
 
 def save_pretrained(model: torch.nn.Module, save_directory, config: Optional[DeltaCoMeConfig] = None, **kwargs):
     """`enable_save_pretrained(model, config)` then `model.save_pretrained(save_directory, **kwargs)`."""
-    if getattr(model, "hf_quantizer", None) is None:
+    if config is not None or getattr(model, "hf_quantizer", None) is None:
         enable_save_pretrained(model, config)
     return model.save_pretrained(save_directory, **kwargs)
+
+
+@on_compressed
+def _attach(model: torch.nn.Module, fields: dict) -> None:
+    """A transformers model that `compress_`, `quantize_` or `load_delta` left with compressed weights gets
+    the quantizer, so that its own `model.save_pretrained(dir)` writes a checkpoint `from_pretrained` loads
+    (without it transformers would try to save the tensor subclasses as plain tensors, and fail)."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return
+    if not isinstance(model, PreTrainedModel) or not compressed_layers(model):
+        return
+    config = DeltaCoMeHfConfig.from_model(model)
+    for key in ("method", "alpha", "group_size", "allocation", "calibrated"):
+        if fields.get(key) is not None:
+            setattr(config, key, fields[key])
+    quantizer = DeltaCoMeHfQuantizer(config, pre_quantized=True)
+    model.hf_quantizer = quantizer
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+    model.config.quantization_config = quantizer.quantization_config

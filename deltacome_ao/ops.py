@@ -4,6 +4,8 @@
     delta_only_linear(x, <7 tensors>, bits, counts, out, in, group_size)
                                                        ((x V̂ᵀ) · s) Ûᵀ (the base is a quantized subclass)
     segmented_delta_linear(y, x, rows, <n factors>)    y with each delta's term added on its rows
+    grouped_delta_linear(x, offs, base_weight, <stacked factors>)
+                                                       a stack of expert matrices: x W_eᵀ for the rows of each expert e
 
 `<factors>` is `PackedFactors.op_args()`: the seven tensors, bits, counts, group_size. They are
 registered with `torch.library`, so `torch.compile(fullgraph=True)` treats each as one opaque node.
@@ -19,6 +21,7 @@ import torch
 from .factors import TENSOR_NAMES, PackedFactors, low_rank_term
 
 __all__ = ["delta_linear", "delta_only_linear", "delta_linear_reference", "segmented_delta_linear",
+           "grouped_delta_linear", "grouped_delta_linear_reference", "expert_major",
            "segmented_delta", "segmented_reference", "segmented_delta_linear_reference", "unflatten_segments", "low_rank_term"]
 
 _N = len(TENSOR_NAMES)
@@ -179,3 +182,91 @@ def __getattr__(name: str):
     if name in legacy:
         return legacy[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# --- a stack of expert matrices (MoE): every expert of a call in one operator -------------------------
+
+
+def _grouped(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Rows offs[e-1]:offs[e] of `x` times `w[e]` (E, k, n), for every e: torch's grouped matmul where it
+    has one for these strides, else a loop over the experts that have rows. Rows past offs[-1]: zero."""
+    y = None
+    grouped = getattr(torch.nn.functional, "grouped_mm", None)
+    if grouped is not None:
+        try:
+            y = grouped(x.contiguous(), w, offs=offs.to(torch.int32))
+        except (RuntimeError, NotImplementedError):  # e.g. strides that are not multiples of 16 bytes
+            y = None
+    if y is None:
+        y = x.new_zeros(x.shape[0], w.shape[-1])
+        start = 0
+        for e, end in enumerate(offs.tolist()):
+            if end > start:
+                y[start:end] = x[start:end] @ w[e]
+            start = end
+    end = int(offs[-1]) if offs.numel() else 0
+    if end < x.shape[0]:
+        y[end:] = 0  # rows of no expert (grouped_mm leaves them uninitialised)
+    return y
+
+
+def expert_major(factors: PackedFactors, num_experts: int, multiple: int = 8):
+    """The dequantized factors of a stack (bands holding all experts' vectors band by band) per expert:
+    (V̂ (E, r, in), Ûᵀ (E, r, out), s (E, r)) in fp32, r padded with zero vectors to a multiple of
+    `multiple` (grouped matmuls want 16-byte strides)."""
+    v, ut = factors.dequantize()
+    vs, uts, ss, start = [], [], [], 0
+    for count in factors.counts:
+        c = count // num_experts
+        vs.append(v[start:start + count].reshape(num_experts, c, -1))
+        uts.append(ut[start:start + count].reshape(num_experts, c, -1))
+        ss.append(factors.s[start:start + count].reshape(num_experts, c))
+        start += count
+    rank = sum(c // num_experts for c in factors.counts)
+    pad = -rank % multiple
+    if pad:
+        vs.append(v.new_zeros(num_experts, pad, factors.in_features))
+        uts.append(ut.new_zeros(num_experts, pad, factors.out_features))
+        ss.append(factors.s.new_zeros(num_experts, pad))
+    return torch.cat(vs, 1), torch.cat(uts, 1), torch.cat(ss, 1).float()
+
+
+def grouped_delta_linear_reference(x: torch.Tensor, offs: torch.Tensor, base_weight: torch.Tensor,
+                                   factors: PackedFactors) -> torch.Tensor:
+    """Reference of `grouped_delta_linear`: three grouped matmuls over all experts at once — the base
+    (`x W_base,eᵀ`), then `x V̂_eᵀ`, scaled by s_e, then `· Û_eᵀ` — no loop over experts (where torch has
+    a grouped matmul for the strides); the factors are unpacked once per band for all experts."""
+    num_experts = base_weight.shape[0]
+    y = _grouped(x, base_weight.to(x.dtype).transpose(-2, -1), offs)
+    if factors.rank == 0:
+        return y
+    v, ut, s = expert_major(factors, num_experts)
+    sizes = torch.diff(offs.to(torch.long), prepend=offs.new_zeros(1, dtype=torch.long))
+    token_expert = torch.repeat_interleave(torch.arange(num_experts, device=x.device), sizes)
+    end = token_expert.numel()
+    z = _grouped(x.float(), v.transpose(-2, -1), offs)  # (S, r)
+    z[:end] *= s[token_expert]
+    y = (y.float() + _grouped(z, ut, offs)).to(x.dtype)
+    if end < x.shape[0]:
+        y[end:] = 0
+    return y
+
+
+@torch.library.custom_op("deltacome::grouped_delta_linear", mutates_args=())
+def grouped_delta_linear(
+    x: torch.Tensor, offs: torch.Tensor, base_weight: torch.Tensor,
+    v_packed: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor,
+    u_packed: torch.Tensor, u_scale: torch.Tensor, u_zero: torch.Tensor, s: torch.Tensor,
+    bits: list[int], counts: list[int], group_size: int,
+) -> torch.Tensor:
+    """`x` (S, in) sorted by expert, `offs` (E,) the cumulative row counts (torch.grouped_mm's offsets):
+    rows offs[e-1]:offs[e] get `x W_eᵀ` with `W_e = W_base,e + Û_e diag(s_e) V̂_e`, fp32 inside, one
+    rounding. `base_weight` (E, out, in); the factors are those of a `MixedPrecisionExpertsTensor` (bands
+    holding all experts' vectors band by band; `counts` per expert)."""
+    num_experts, out_features, in_features = base_weight.shape
+    f = _factors((v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s), bits,
+                 [c * num_experts for c in counts], group_size, out_features, in_features)
+    return grouped_delta_linear_reference(x, offs, base_weight, f)
+
+
+@grouped_delta_linear.register_fake
+def _(x, offs, base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s, bits, counts, group_size):
+    return x.new_empty(x.shape[0], base_weight.shape[1])

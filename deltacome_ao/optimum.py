@@ -46,7 +46,8 @@ def quantize_base_(model: torch.nn.Module, base_config: Any = None) -> torch.nn.
         from torchao.quantization import Int8WeightOnlyConfig
 
         base_config = Int8WeightOnlyConfig()
-    layers = [(n, model.get_submodule(n)) for n in compressed_layers(model)]
+    layers = [(n, model.get_submodule(n)) for n, w in compressed_layers(model).items() if w.dim() == 2]
+    layers = [(n, m) for n, m in layers if isinstance(m, torch.nn.Linear)]  # Conv1D / expert stacks: base stays
     if not layers:
         raise ValueError("the model has no compressed layer; run compress_(model, DeltaCoMeConfig(base=...)) first")
     new = {}

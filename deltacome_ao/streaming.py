@@ -32,7 +32,9 @@ from tqdm.auto import tqdm
 
 from .artifact import DeltaArtifact
 from .checkpoint import BaseWeights, CheckpointMismatchError, check_pair, few, safetensors_files
+from .compress import compress_layer, coverage_summary, matmul_layers, uncompressed_reason
 from .config import DeltaCoMeConfig
+from .methods.mixed_precision import BudgetTooSmallError
 from .fingerprint import fingerprint, same, tensor_entry
 from .format import CONFIG_NAME, SEP, WEIGHTS_NAME, model_config as config_fields
 from .hub import base_reference
@@ -95,11 +97,78 @@ def _skeleton(model_dir: Path):
     return config, model
 
 
-def _structure(skeleton, recipe: Recipe, ft: BaseWeights, shapes: Mapping[str, tuple]):
-    """(ordered fine-tuned tensor names, compressed weight keys, {alias: kept name}, first parameter name)."""
+class _ConvertedWeights(BaseWeights):
+    """A checkpoint read under the names and shapes the model has once transformers converted it on load
+    (Mixtral's per-expert `block_sparse_moe.experts.N.w1/w3.weight` merged into `mlp.experts.gate_up_proj`,
+    LLaVA's renamed prefixes, ...): a merged tensor is built from its sources, one target at a time, with
+    transformers' own converter, when it is read."""
+
+    def __init__(self, inner: BaseWeights, skeleton, plan: dict, converters: dict):
+        self.__dict__.update(inner.__dict__)
+        self._inner, self._plan, self._converters = inner, plan, converters
+        self._shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+        self._skeleton = skeleton
+
+    def keys(self) -> list[str]:
+        return list(self._plan)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._plan
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        sources = self._plan[name]
+        if len(sources) == 1 and sources[0][1] is None:
+            return self._inner[sources[0][0]]
+        import copy
+
+        converter = copy.deepcopy(self._converters[sources[0][1]])
+        for key, pattern in sources:
+            converter.add_tensor(name, key, pattern, self._inner[key])
+        out = converter.convert(name, model=self._skeleton, config=getattr(self._skeleton, "config", None))
+        value = out[name]
+        return value[0] if isinstance(value, list) else value
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        sources = self._plan[name]
+        if len(sources) == 1 and sources[0][1] is None:
+            return self._inner.shape(sources[0][0])
+        return self._shapes[name]
+
+    def aliases(self) -> dict[str, str]:
+        return {}
+
+
+def _as_loaded(weights: BaseWeights, skeleton) -> BaseWeights:
+    """`weights` under the names transformers loads them as into `skeleton` (itself when nothing is renamed)."""
+    if skeleton is None:
+        return weights
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+    except ImportError:
+        return weights
+    conversions = get_model_conversion_mapping(skeleton)
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    meta = skeleton.state_dict()
+    prefix = getattr(skeleton, "base_model_prefix", None)
+    plan: dict[str, list] = {}
+    for key in sorted(weights.keys(), key=dot_natural_key):
+        target, pattern = rename_source_key(key, renamings, converters, prefix, meta)
+        if target not in meta and key in meta:
+            target, pattern = key, None
+        plan.setdefault(target, []).append((key, pattern))
+    if all(len(v) == 1 and v[0] == (k, None) for k, v in plan.items()):
+        return weights
+    return _ConvertedWeights(weights, skeleton, plan, {p: c for c in converters for p in c.source_patterns})
+
+
+def _structure(skeleton, recipe: Recipe, ft: BaseWeights, shapes: Mapping[str, tuple], embeddings: bool = False):
+    """(ordered fine-tuned tensor names, {compressed key: `compress.Layer` or None}, {alias: kept name},
+    first parameter name)."""
     if skeleton is None:
         order = list(ft.keys())
-        return order, linear_weight_names(order, recipe, shapes), {}, (order[0] if order else None)
+        return order, dict.fromkeys(linear_weight_names(order, recipe, shapes)), {}, (order[0] if order else None)
     state = skeleton.state_dict(keep_vars=True)
     seen, aliases, order = {}, {}, []
     for key, t in state.items():
@@ -115,12 +184,10 @@ def _structure(skeleton, recipe: Recipe, ft: BaseWeights, shapes: Mapping[str, t
         )
     listed = set(order)
     order += [k for k in ft.keys() if k not in listed and k not in aliases]  # stored extras, as save_delta keeps them
-    compressed = [
-        f"{name}.weight"
-        for name, module in skeleton.named_modules()
-        if isinstance(module, torch.nn.Linear) and recipe.selects(name) and f"{name}.weight" in ft
-        and f"{name}.weight" not in aliases
-    ]
+    compressed = {  # compress_'s selection, on the skeleton
+        layer.key: layer for layer in matmul_layers(skeleton, None, embeddings)
+        if recipe.selects(layer.name) and layer.key in ft and layer.key not in aliases
+    }
     first = next((n for n, _ in skeleton.named_parameters()), None)
     first = aliases.get(first, first)
     return order, compressed, aliases, first
@@ -165,14 +232,20 @@ def compress_streaming(
     config = DeltaCoMeConfig(base=base, **options)
     progress = config.progress
     model_config, skeleton = _skeleton(ft_path)
+    # checkpoints whose tensors transformers converts on load (merged MoE experts, renamed prefixes) are
+    # read as the loaded model has them, so the artifact is the one save_delta writes for that model
+    ft, base = _as_loaded(ft, skeleton), _as_loaded(base, skeleton)
+    config.base = base
     recipe = config.recipe or recipe_for(ft.model_type)
-    order, compressed, aliases, first = _structure(skeleton, recipe, ft, {k: ft.shape(k) for k in ft.keys()})
+    order, compressed, aliases, first = _structure(skeleton, recipe, ft, {k: ft.shape(k) for k in ft.keys()},
+                                                   config.embeddings)
     if not compressed:
         raise ValueError(f"recipe {recipe.name!r} selects no linear weight of {ft_path}; pass recipe= for this model")
-    check_pair(base, {k: ft.shape(k) for k in order}, compressed, model_type=ft.model_type, strict=strict,
+    check_pair(base, {k: ft.shape(k) for k in order}, list(compressed), model_type=ft.model_type, strict=strict,
                ignore=aliases)
-    del skeleton
-    compressed_set, base_set = set(compressed), set(base.keys())
+    base_set = set(base.keys())
+    skipped: dict[str, str] = {}
+    budget_errors: list = []
 
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict] = {}
@@ -188,14 +261,29 @@ def compress_streaming(
             f = ft[key]
             if key == first:
                 model_dtype = f.dtype
-            if key in compressed_set:
+            w = None
+            if key in compressed:
                 b = base[key]
                 entries[key] = tensor_entry(b)
                 b = b.to(dtype=f.dtype)
-                name = key[: -len(".weight")]
+                layer = compressed[key]
+                name = layer.name if layer is not None else key[: -len(".weight")]
                 t0 = time.perf_counter()
-                w = config.compress(f, b, name)
+                try:
+                    w = compress_layer(layer, f, b, config) if layer is not None else config.compress(f, b, name)
+                except BudgetTooSmallError as e:  # as compress_: a matrix too small for one vector stays dense
+                    budget_errors.append(e)
+                    skipped[key] = "budget"
+                except NotImplementedError:
+                    if layer is None or layer.form != "experts":
+                        raise
+                    skipped[key] = "unstackable"
                 seconds = time.perf_counter() - t0
+                if w is None:
+                    if not same(f, b):
+                        kept[key] = f
+                    del b
+                    continue
                 del f, b
                 layers[name] = w.spec()
                 for inner, t in w.delta_tensors().items():
@@ -212,17 +300,27 @@ def compress_streaming(
                 kept[key] = f
             f = None
         bar.close()
+        if budget_errors and not layers:
+            raise budget_errors[0]
         rest = [k for k in base.keys() if k not in entries and k not in aliases]  # base-only (strict=False)
         for key in tqdm(rest, desc="base fingerprint", disable=not (progress and rest), unit="tensor"):
             entries[key] = tensor_entry(base[key])
     # `layers` in module order, as compressed_layers(model) lists them
-    layers = {k[: -len(".weight")]: layers[k[: -len(".weight")]] for k in compressed}
+    names = [(layer.name if layer is not None else k[: -len(".weight")]) for k, layer in compressed.items()]
+    layers = {n: layers[n] for n in names if n in layers}
+    compressed_params = {key: int(torch.Size(ft.shape(key)).numel()) for key, layer in compressed.items()
+                         if key not in skipped}
+    reasons = {k: uncompressed_reason(skeleton, k, skipped) if skeleton is not None else skipped.get(k, "other")
+               for k in kept}
+    coverage = coverage_summary({**compressed_params, **{k: v.numel() for k, v in kept.items()}}, compressed_params,
+                                reasons)
+    del skeleton
     model_type = base.model_type or ft.model_type
     document = DeltaArtifact(
         layers=layers, tensors=tensors, kept=kept, aliases=aliases,
         fingerprint=fingerprint(entries, model_type, complete=True),
         model_dtype=model_dtype if model_dtype is not None else torch.float32,
-        model_config=config_fields(model_config), config=config, metadata=metadata,
+        model_config=config_fields(model_config), config=config, metadata=metadata, coverage=coverage,
         **dict(zip(("base_model_name_or_path", "base_revision"),
                    base_reference(base_dir, base_model_name_or_path, base_revision))),
     ).write(out, overwrite)

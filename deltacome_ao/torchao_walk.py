@@ -24,11 +24,12 @@ from typing import Any, Callable, Optional
 
 import torch
 
-__all__ = ["Walk", "current_walk", "WALK_FUNCTION", "FQN_FUNCTION", "QUANTIZE_FUNCTION"]
+__all__ = ["Walk", "current_walk", "WALK_FUNCTION", "FQN_FUNCTION", "QUANTIZE_FUNCTION", "DEFAULT_FILTER"]
 
 WALK_FUNCTION = "_replace_with_custom_fn_if_matches_filter"
 FQN_FUNCTION = "_fqn_to_config_handler"
 QUANTIZE_FUNCTION = "quantize_"
+DEFAULT_FILTER = "_is_linear"  # quantize_'s filter_fn when none is given (torchao.quantization.quant_api)
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,15 @@ class Walk:
     device: Any = None
     fqn: Optional[str] = None
     exact: bool = False  # FqnToConfig: the entry names this module exactly (not a pattern or _default)
+
+    @property
+    def user_filter(self) -> Optional[Callable]:
+        """The filter the caller passed to `quantize_`, or None when it is torchao's default (every
+        `nn.Linear`): then the config's own selection applies (Conv1D and stacked experts too)."""
+        f = self.filter_fn
+        if f is not None and getattr(f, "__name__", None) == DEFAULT_FILTER and "torchao" in getattr(f, "__module__", ""):
+            return None
+        return f
 
 
 def current_walk() -> Optional[Walk]:

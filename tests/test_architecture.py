@@ -33,7 +33,7 @@ STAGES = [
     ["methods"],
     ["kernels"],
     ["recipes", "checkpoint"],
-    ["fingerprint", "format"],
+    ["fingerprint", "format", "finetune_config"],
     ["calibrate"],
     ["compress"],
     ["torchao_walk"],

@@ -1,5 +1,7 @@
-"""The LLaVA recipe on a tiny, really fine-tuned LlavaForConditionalGeneration (transformers 5.23 names:
-`model.language_model.layers.N...`, `model.vision_tower.encoder.layers.N...`, `model.multi_modal_projector...`)."""
+"""LLaVA on a tiny, really fine-tuned LlavaForConditionalGeneration (transformers 5.23 names:
+`model.language_model.layers.N...`, `model.vision_tower.encoder.layers.N...`, `model.multi_modal_projector...`):
+by default every matmul weight is compressed (vision tower and projector included); the paper's
+language-only choice is the recipe `LLAVA_LANGUAGE_ONLY`."""
 
 import copy
 
@@ -11,6 +13,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 from deltacome_ao import DeltaCoMeConfig, MixedPrecisionDeltaTensor
 from deltacome_ao.artifact import compressed_layers
 from deltacome_ao.recipes import recipe_for
+from deltacome_ao.recipes.llava import LLAVA_LANGUAGE_ONLY
 
 IMAGE_TOKEN, VOCAB, PATCHES = 127, 128, 16  # 32x32 image, 8x8 patches
 
@@ -53,12 +56,28 @@ def pair():
 def test_names_match_the_recipe(pair):
     base, _ = pair
     assert base.config.model_type == "llava"
-    recipe = recipe_for("llava")
+    assert recipe_for("llava").name == "generic"  # no exception registered: every matmul weight
     names = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)]
-    chosen = {n for n in names if recipe.selects(n)}
+    chosen = {n for n in names if LLAVA_LANGUAGE_ONLY.selects(n)}
     expected = {n for n in names if n.startswith("model.language_model.layers.")}
     assert chosen == expected and len(chosen) == 14
     assert any(n.startswith("model.vision_tower.") and n.endswith("q_proj") for n in names)  # skipped despite q_proj
+
+
+def test_default_compresses_every_matmul_weight(pair):
+    base, ft = pair
+    model = copy.deepcopy(ft)
+    with torch.no_grad():
+        quantize_(model, DeltaCoMeConfig(base=base, group_size=32, progress=False))
+    layers = compressed_layers(model)
+    assert set(layers) == {n for n, m in ft.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    assert any(n.startswith("model.vision_tower.") for n in layers)
+    assert any(n.startswith("model.multi_modal_projector.") for n in layers)
+    gen = torch.Generator().manual_seed(7)
+    inputs = batch(2, gen)
+    with torch.no_grad():
+        ref, base_logits, got = ft(**inputs).logits, base(**inputs).logits, model(**inputs).logits
+    assert (got - ref).norm() / (base_logits - ref).norm() < 0.2
 
 
 def test_only_language_projections_compressed(pair):
@@ -67,7 +86,7 @@ def test_only_language_projections_compressed(pair):
     moved = {n for n, p in ft.named_parameters() if not torch.equal(p, base.state_dict()[n])}
     assert any("vision_tower" in n for n in moved) and any("multi_modal_projector" in n for n in moved)
     with torch.no_grad():
-        quantize_(model, DeltaCoMeConfig(base=base, group_size=32, progress=False))
+        quantize_(model, DeltaCoMeConfig(base=base, group_size=32, progress=False, recipe=LLAVA_LANGUAGE_ONLY))
 
     layers = compressed_layers(model)
     assert set(layers) == {n for n, m in ft.named_modules()

@@ -111,9 +111,9 @@ def test_device_argument_reaches_the_plan(pair, monkeypatch):
     seen = []
     real = config_module.plan_compression
 
-    def spy(root, config, targets, device=None):
+    def spy(root, config, targets, device=None, skipped=None):
         seen.append(device)
-        return real(root, config, targets, device)
+        return real(root, config, targets, device, skipped)
 
     monkeypatch.setattr(config_module, "plan_compression", spy)
     model = copy.deepcopy(ft)

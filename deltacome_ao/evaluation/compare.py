@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import time
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def compress_variant(finetuned, base, task, name: str, alpha: float = 1 / 16, gr
     seconds = time.perf_counter() - start
     report = delta_report(model)
     nbytes = sum(r["delta_bytes"] for r in report)
-    params = sum(r["shape"][0] * r["shape"][1] for r in report)
+    params = sum(math.prod(r["shape"]) for r in report)
     return model, seconds, nbytes, 8 * nbytes / params
 
 

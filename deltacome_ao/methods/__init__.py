@@ -11,6 +11,8 @@ CLI offers its names, and the artifact and Hugging Face readers find tensor clas
 nothing else lists methods.
 
     mixed_precision.py   MixedPrecisionDeltaTensor: "deltacome" (Delta-CoMe), "single", "lowrank"
+    mixed_precision_experts.py   MixedPrecisionExpertsTensor: what MixedPrecisionDeltaTensor.stack
+                         returns for stacked MoE experts (a kind without a method: `register_kind`)
     bitdelta.py          BitDeltaTensor: "bitdelta" (BitDelta's sign + scale)
 
 A compress function has the signature
@@ -28,8 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
-__all__ = ["Method", "register_method", "unregister_method", "get_method", "method_names", "tensor_kinds", "tensor_kind", "ALLOCATIONS",
-           "MethodFileWarning"]
+__all__ = ["Method", "register_method", "unregister_method", "register_kind", "get_method", "method_names",
+           "tensor_kinds", "tensor_kind", "ALLOCATIONS", "MethodFileWarning"]
 
 ALLOCATIONS = ("paper", "optimal")  # how a method may spend the budget (DeltaCoMeConfig.allocation)
 
@@ -52,6 +54,7 @@ class Method:
 
 
 _METHODS: dict[str, Method] = {}
+_KINDS: dict[str, type] = {}  # stored kinds that belong to no method of their own (e.g. stacked experts)
 
 
 def _check_tensor_class(name: str, tensor) -> None:
@@ -126,9 +129,23 @@ def method_names() -> tuple[str, ...]:
     return tuple(sorted(_METHODS, key=lambda n: (n != "deltacome", n)))
 
 
+def register_kind(tensor: type) -> type:
+    """Make a `DeltaTensor` class readable from artifacts and checkpoints without a method of its own:
+    a kind another kind's `stack` returns (stacked experts). Returns the class."""
+    from ..delta_tensor import DeltaTensor
+
+    if not (isinstance(tensor, type) and issubclass(tensor, DeltaTensor)):
+        raise TypeError(f"register_kind needs a DeltaTensor subclass, got {tensor!r}")
+    old = _KINDS.get(tensor.__name__)
+    if old is not None and old is not tensor:
+        raise ValueError(f"another tensor class named {tensor.__name__} is registered")
+    _KINDS[tensor.__name__] = tensor
+    return tensor
+
+
 def tensor_kinds() -> dict[str, type]:
-    """{tensor class name: class} of every registered method (the names stored in artifacts)."""
-    return {m.tensor.__name__: m.tensor for m in _METHODS.values()}
+    """{tensor class name: class} of every registered method and kind (the names stored in artifacts)."""
+    return {**_KINDS, **{m.tensor.__name__: m.tensor for m in _METHODS.values()}}
 
 
 def tensor_kind(name) -> type:

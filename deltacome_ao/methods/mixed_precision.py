@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
-from torch.utils._python_dispatch import return_and_correct_aliasing
 
 from ..allocate import (
     FP16_BITS,
@@ -229,9 +228,25 @@ class MixedPrecisionDeltaTensor(DeltaTensor):
     def delta_weight(self) -> torch.Tensor:
         return self.factors.dense()
 
+    def transposed(self) -> "MixedPrecisionDeltaTensor":
+        """Wᵀ = W_baseᵀ + V̂ᵀ diag(s) Û: the same bands with the two factors swapped (no copy)."""
+        return MixedPrecisionDeltaTensor.from_factors(self.base_weight.t(), self.factors.transposed())
+
+    @classmethod
+    def stack(cls, weights) -> "DeltaTensor":
+        """E weights of one shape -> a `MixedPrecisionExpertsTensor` (their vectors band by band)."""
+        from .mixed_precision_experts import MixedPrecisionExpertsTensor
+
+        return MixedPrecisionExpertsTensor.from_weights(weights)
+
     def delta_term(self, x: torch.Tensor) -> torch.Tensor:
         v, ut = self.factors.dequantize()
         return low_rank_term(x, v, ut, self.s)
+
+    def delta_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of Û diag(s) V̂ for a compressed embedding table, without forming the (V, H) delta."""
+        v, ut = self.factors.dequantize()
+        return torch.nn.functional.embedding(ids, ut.T * self.s) @ v
 
     def linear(self, x, bias=None):
         f = self.factors
@@ -311,16 +326,6 @@ def _truncate(bands, rank: int) -> tuple[Band, ...]:
         left -= take
     return tuple(out)
 
-
-implements = MixedPrecisionDeltaTensor.implements
-
-
-@implements(aten.t.default)
-def _(func, types, args, kwargs):
-    """Wᵀ = W_baseᵀ + V̂ᵀ diag(s) Û: the same bands with the two factors swapped."""
-    w = args[0]
-    out = MixedPrecisionDeltaTensor.from_factors(w.base_weight.t(), w.factors.transposed())
-    return return_and_correct_aliasing(func, args, kwargs, out)
 
 
 # --- the methods this tensor stores ------------------------------------------------------------------

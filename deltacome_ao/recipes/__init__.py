@@ -1,9 +1,13 @@
-"""Which linear layers of a model get a compressed delta, per architecture.
+"""Exceptions to the default selection, per architecture.
 
-A recipe is a pair of regular expressions over module names: `targets` selects the layers to
-compress, `skip` vetoes some of them (vision towers, projectors). Everything not selected keeps the
-fine-tuned model's own weights. `recipe_for` picks by `config.model_type` and falls back to the
-generic rule, which covers any Hugging Face causal LM whose projections are named `*proj`.
+By default every weight a model uses as a matrix multiply gets a compressed delta (`nn.Linear`,
+transformers' `Conv1D`, stacked MoE experts; `compress.matmul_layers`), whatever it is called; the
+input and output embeddings keep the fine-tuned values unless `DeltaCoMeConfig(embeddings=True)`.
+A recipe narrows that by name: two regular expressions over layer names (a module's name for a 2-D
+weight, the parameter's full name for a stack of experts), `targets` selecting and `skip` vetoing.
+`recipe_for` picks a registered recipe by `config.model_type`, else the generic one (everything).
+No architecture needs one today; `llava.LLAVA_LANGUAGE_ONLY` is the paper's LLaVA choice (vision
+tower and projector kept as the fine-tune has them), for `DeltaCoMeConfig(recipe=...)`.
 """
 
 from __future__ import annotations
@@ -26,8 +30,8 @@ class Recipe:
         return not (self.skip and re.search(self.skip, module_name))
 
 
-# Attention and MLP projections, as the paper compresses them; lm_head and embeddings stay.
-GENERIC = Recipe("generic", targets=r"(^|\.)[A-Za-z0-9_]*proj$", skip=r"(^|\.)lm_head$")
+# Every matmul weight (embeddings and lm_head are left out by the selection itself, not by name).
+GENERIC = Recipe("generic", targets=r"")
 
 RECIPES: dict[str, Recipe] = {}
 
@@ -41,4 +45,4 @@ def recipe_for(model_type: str | None) -> Recipe:
     return RECIPES.get(model_type or "", GENERIC)
 
 
-from . import llama, llava, mistral  # noqa: E402,F401  (registers the built-in recipes)
+from . import llava  # noqa: E402,F401  (the built-in recipes)

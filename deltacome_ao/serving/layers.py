@@ -1,12 +1,14 @@
 """Multi-delta layers: one base module, many deltas, each batch row routed to its own.
 
-`MultiDeltaLinear` replaces an `nn.Linear`: it holds the base weight (and bias) once and a registry
-of deltas. Its forward computes `x W_baseᵀ` for every row in one matmul, then adds each active
+`MultiDeltaLinear` replaces an `nn.Linear` (subclasses included) or a transformers `Conv1D` (whose
+weight is stored (in, out)): it holds the base weight (and bias) once and a registry of deltas. Its forward computes `x W_baseᵀ` for every row in one matmul, then adds each active
 delta's term on its rows: deltas stored as packed low-rank factors go through one
 `deltacome::segmented_delta_linear` call for all of them (Punica SGMV / vLLM multi-LoRA style; the
 Triton kernel on CUDA), other kinds through their own `DeltaTensor.delta_term`. `MultiDeltaEmbedding`
 and `MultiDeltaModule` serve the kept (dense) tensors of a delta — an embedding table, or the
-parameters of a leaf module such as a norm — per row.
+parameters of a leaf module such as a norm — per row, by running the module's own forward with the
+delta's tensors (`torch.func.functional_call`): an embedding subclass with a forward of its own
+(Gemma's scaled embedding) gives every row what that model alone gives.
 
 All three share `MultiDeltaLayer`: a copy-on-write registry (id -> `DeltaEntry`) that forwards read
 as one consistent snapshot, `add_delta` / `remove` / `delta_ids` / `delta_nbytes`.
@@ -22,14 +24,15 @@ from typing import Mapping, Optional
 import torch
 import torch.nn.functional as F
 
+from ..compress import is_conv1d
 from ..delta_tensor import DeltaTensor
 from ..factors import PackedFactors, low_rank_term
 from ..fingerprint import BaseMismatchError
 from ..ops import segmented_delta
-from .routing import Routing, UnknownDeltaError, UnsupportedDeltaError, resolve_routing
+from .routing import Routing, UnknownDeltaError, UnsupportedDeltaError, current_routing, resolve_routing
 
 __all__ = ["DeltaEntry", "MultiDeltaLayer", "MultiDeltaLinear", "MultiDeltaEmbedding", "MultiDeltaModule",
-           "wrap_module", "wrapper_class"]
+           "wrap_module", "wrapper_class", "is_unit", "is_moe_block"]
 
 
 @dataclass(frozen=True)
@@ -48,11 +51,17 @@ class DeltaEntry:
     def nbytes(self) -> int:
         n = self.delta.delta_nbytes() if self.delta is not None else 0
         for t in (*(self.cache or ()), *(self.dense or {}).values()):
-            n += t.numel() * t.element_size()
+            n += t.delta_nbytes() if isinstance(t, DeltaTensor) else t.numel() * t.element_size()
         return n
 
     def changes(self) -> bool:
         return self.delta is not None or bool(self.dense)
+
+    def replacements(self) -> Optional[Mapping[str, torch.Tensor]]:
+        """The module tensors this delta replaces: its dense ones, or its compressed `weight` (a table)."""
+        if self.dense:
+            return self.dense
+        return {"weight": self.delta} if self.delta is not None else None
 
 
 class _Registry:
@@ -150,14 +159,15 @@ class MultiDeltaLinear(MultiDeltaLayer):
     factors once per forward (the default; transient memory only).
     """
 
-    def __init__(self, linear: torch.nn.Linear, cache_dequantized: bool = False):
+    def __init__(self, linear: torch.nn.Module, cache_dequantized: bool = False):
         super().__init__()
         if isinstance(linear.weight, DeltaTensor):
             raise ValueError("wrap a plain nn.Linear (the base), not a compressed one")
         self.weight = linear.weight
         self.bias = linear.bias
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
+        # transformers' Conv1D stores its weight (in, out) and computes x W + b
+        self.in_out = not isinstance(linear, torch.nn.Linear)
+        self.out_features, self.in_features = linear.weight.shape[::-1] if self.in_out else linear.weight.shape
         self.cache_dequantized = cache_dequantized
 
     @classmethod
@@ -182,6 +192,8 @@ class MultiDeltaLinear(MultiDeltaLayer):
             if tuple(delta.shape) != tuple(self.weight.shape):
                 raise ValueError(f"{name}: delta shape {tuple(delta.shape)}, layer {tuple(self.weight.shape)}")
             delta = delta.to(self.weight.device)
+            if self.in_out:  # served in F.linear's orientation
+                delta = delta.transposed()
             factors = delta.low_rank_factors()
             if factors is not None and self.cache_dequantized:
                 cache = factors.dequantize()
@@ -197,12 +209,12 @@ class MultiDeltaLinear(MultiDeltaLayer):
         entries = self._snapshot(r)
         groups = [(entries[d], rows) for d, rows in (r.groups_on(x.device) if r is not None else [])
                   if entries[d].changes()]
-        y = F.linear(x, self.weight.to(x.dtype))
+        y = F.linear(x, self._linear_weight(self.weight).to(x.dtype))
         if not groups:
             return y if self.bias is None else y + self.bias
         for e, rows in groups:
             if e.dense and "weight" in e.dense:
-                y.index_copy_(0, rows, F.linear(x.index_select(0, rows), e.dense["weight"].to(x.dtype)))
+                y.index_copy_(0, rows, F.linear(x.index_select(0, rows), self._linear_weight(e.dense["weight"]).to(x.dtype)))
         packed = [(rows, e.factors) for e, rows in groups if e.factors is not None and e.cache is None]
         if packed:
             y = segmented_delta(y, x, packed)
@@ -215,6 +227,9 @@ class MultiDeltaLinear(MultiDeltaLayer):
                 yg = y.index_select(0, rows).float() + e.delta.delta_term(x.index_select(0, rows))
                 y.index_copy_(0, rows, yg.to(y.dtype))
         return y + self._bias_rows(x, y, groups)
+
+    def _linear_weight(self, w):
+        return w.t() if self.in_out else w
 
     def _bias_rows(self, x, y, groups):
         biased = [(e, rows) for e, rows in groups if e.dense and "bias" in e.dense]
@@ -231,15 +246,83 @@ class MultiDeltaLinear(MultiDeltaLayer):
                 f"{self._deltas_repr()}")
 
 
-class MultiDeltaEmbedding(MultiDeltaLayer):
-    """An `nn.Embedding` whose rows may use a delta's own table (a kept `embed_tokens.weight`):
-    base lookup for every row, then each such delta's rows are looked up in its table."""
+class MultiDeltaModule(MultiDeltaLayer):
+    """Any other module whose parameters deltas replace: a leaf (RMSNorm, LayerNorm, ...) or a module with
+    parameters of its own *and* children (CLIP's vision embeddings: a class embedding next to the patch
+    convolution and the position table), served as one unit with its whole subtree. The base module runs
+    on every row, then each such delta's rows run through it again with the delta's parameters
+    (`torch.func.functional_call`, nested names for the subtree's), so whatever the module computes, a
+    row gets what the delta's model alone gives. Needs a forward whose first argument and output are
+    batch-first tensors (an input with batch size 1, e.g. position ids, is shared by every row). The
+    module's parameters, buffers and children are registered here under their own names (state dicts and
+    base fingerprints are unchanged); the module itself is not a submodule."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        object.__setattr__(self, "_inner", module)
+        for n, p in module.named_parameters(recurse=False):
+            self.register_parameter(n, p)
+        for n, b in module.named_buffers(recurse=False):
+            self.register_buffer(n, b, persistent=n not in module._non_persistent_buffers_set)
+        for n, child in module.named_children():
+            self.add_module(n, child)
+
+    @classmethod
+    def serves(cls, module, leaf):
+        return leaf in dict(module.named_parameters())
+
+    def add(self, name: str, params: Optional[Mapping[str, torch.Tensor]] = None, *, delta_id: Optional[int] = None) -> int:
+        return self.add_delta(name, None, params, delta_id=delta_id)
+
+    def _entry(self, name, delta, dense):
+        own = dict(self._inner.named_parameters())
+        if delta is not None:
+            raise UnsupportedDeltaError(f"{name}: {type(self._inner).__name__} serves parameter replacements only")
+        for leaf, value in dense.items():
+            if leaf not in own or own[leaf].shape != value.shape:
+                raise ValueError(f"{name}: {leaf} {tuple(value.shape)} does not match {type(self._inner).__name__}'s parameters "
+                                 f"{ {k: tuple(v.shape) for k, v in own.items()} }")
+            dense[leaf] = value.detach().to(own[leaf].device, own[leaf].dtype)
+        return DeltaEntry(name, dense=dense or None)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        return self._per_row(x, args, kwargs, None)
+
+    def _per_row(self, x: torch.Tensor, args, kwargs, delta_ids):
+        r = current_routing() if delta_ids is None else resolve_routing(delta_ids, x.shape[0])
+        if r is not None and x.dim() > 1 and x.shape[0] == 1 and r.batch > 1:
+            # an input shared by every row (position ids (1, S): GPT-2's, CLIP's learned positions): the
+            # base output as it is when no row's delta changes this module, else one row per batch row
+            entries = self._snapshot(r)
+            if not any(entries[d].replacements() for d in r.active()):
+                return self._inner(x, *args, **kwargs)
+            x = x.expand(r.batch, *x.shape[1:])
+        r = resolve_routing(r, x.shape[0]) if x.dim() > 1 and r is not None else None
+        entries = self._snapshot(r)
+        y = self._inner(x, *args, **kwargs)
+        if r is None:
+            return y
+        for d, rows in r.groups_on(x.device):
+            params = entries[d].replacements()
+            if params:
+                yg = torch.func.functional_call(self._inner, dict(params), (x.index_select(0, rows), *args), kwargs)
+                y = y.index_copy(0, rows, yg)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{type(self._inner).__name__}, {self._deltas_repr()}"
+
+
+class MultiDeltaEmbedding(MultiDeltaModule):
+    """An `nn.Embedding` (subclasses included) whose rows may use a delta's own table (a kept
+    `embed_tokens.weight`, or a compressed one): the module's own forward for every row (its scale,
+    e.g. Gemma's `× √hidden`, included), then each such delta's rows through the same forward with the
+    delta's table."""
 
     def __init__(self, embedding: torch.nn.Embedding):
-        super().__init__()
         if embedding.max_norm is not None:
             raise UnsupportedDeltaError("embeddings with max_norm are not supported")
-        self.weight = embedding.weight
+        super().__init__(embedding)
         self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
         self.padding_idx = embedding.padding_idx
 
@@ -251,80 +334,21 @@ class MultiDeltaEmbedding(MultiDeltaLayer):
         return self.add_delta(name, None, {"weight": weight} if weight is not None else None, delta_id=delta_id)
 
     def _entry(self, name, delta, dense):
-        if delta is not None or set(dense) - {"weight"}:
-            raise UnsupportedDeltaError(f"{name}: an embedding serves a replacement table only")
-        if "weight" in dense:
-            if dense["weight"].shape != self.weight.shape:
-                raise ValueError(f"{name}: replacement table {tuple(dense['weight'].shape)}, embedding {tuple(self.weight.shape)}")
-            dense["weight"] = dense["weight"].detach().to(self.weight.device, self.weight.dtype)
-        return DeltaEntry(name, dense=dense or None)
+        if set(dense) - {"weight"} or (delta is not None and dense):
+            raise UnsupportedDeltaError(f"{name}: an embedding serves one replacement table (dense or compressed)")
+        if delta is not None:  # a compressed table (DeltaCoMeConfig(embeddings=True))
+            if not isinstance(delta, DeltaTensor) or tuple(delta.shape) != tuple(self.weight.shape):
+                raise ValueError(f"{name}: compressed table {tuple(delta.shape)}, embedding {tuple(self.weight.shape)}")
+            return DeltaEntry(name, delta=delta.to(self.weight.device))
+        if "weight" in dense and dense["weight"].shape != self.weight.shape:
+            raise ValueError(f"{name}: replacement table {tuple(dense['weight'].shape)}, embedding {tuple(self.weight.shape)}")
+        return super()._entry(name, None, dense)
 
     def forward(self, input_ids: torch.Tensor, delta_ids=None) -> torch.Tensor:
-        r = resolve_routing(delta_ids, input_ids.shape[0]) if input_ids.dim() > 1 else None
-        entries = self._snapshot(r)
-        y = F.embedding(input_ids, self.weight, self.padding_idx)
-        if r is not None:
-            for d, rows in r.groups_on(input_ids.device):
-                dense = entries[d].dense
-                if dense:
-                    y.index_copy_(0, rows, F.embedding(input_ids.index_select(0, rows), dense["weight"], self.padding_idx))
-        return y
+        return self._per_row(input_ids, (), {}, delta_ids)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, {self._deltas_repr()}"
-
-
-class MultiDeltaModule(MultiDeltaLayer):
-    """Any other leaf module (RMSNorm, LayerNorm, ...) whose parameters deltas replace. The base
-    module runs on every row, then each such delta's rows run through it again with the delta's
-    parameters (`torch.func.functional_call`), so whatever the module computes, a row gets what
-    the delta's model alone gives. Needs a forward whose first argument and output are batch-first
-    tensors, as norms have. The module's parameters are registered here under their own names
-    (state dicts and base fingerprints are unchanged); the module itself is not a submodule."""
-
-    def __init__(self, module: torch.nn.Module):
-        super().__init__()
-        if next(module.children(), None) is not None:
-            raise UnsupportedDeltaError(f"{type(module).__name__} has submodules; only leaf modules can be served per row")
-        object.__setattr__(self, "_inner", module)
-        for n, p in module.named_parameters(recurse=False):
-            self.register_parameter(n, p)
-        for n, b in module.named_buffers(recurse=False):
-            self.register_buffer(n, b)
-
-    @classmethod
-    def serves(cls, module, leaf):
-        return next(module.children(), None) is None and leaf in dict(module.named_parameters(recurse=False))
-
-    def add(self, name: str, params: Optional[Mapping[str, torch.Tensor]] = None, *, delta_id: Optional[int] = None) -> int:
-        return self.add_delta(name, None, params, delta_id=delta_id)
-
-    def _entry(self, name, delta, dense):
-        own = dict(self._inner.named_parameters(recurse=False))
-        if delta is not None:
-            raise UnsupportedDeltaError(f"{name}: {type(self._inner).__name__} serves parameter replacements only")
-        for leaf, value in dense.items():
-            if leaf not in own or own[leaf].shape != value.shape:
-                raise ValueError(f"{name}: {leaf} {tuple(value.shape)} does not match {type(self._inner).__name__}'s parameters "
-                                 f"{ {k: tuple(v.shape) for k, v in own.items()} }")
-            dense[leaf] = value.detach().to(own[leaf].device, own[leaf].dtype)
-        return DeltaEntry(name, dense=dense or None)
-
-    def forward(self, x: torch.Tensor, *args, **kwargs):
-        r = resolve_routing(None, x.shape[0]) if x.dim() > 1 else None
-        entries = self._snapshot(r)
-        y = self._inner(x, *args, **kwargs)
-        if r is None:
-            return y
-        for d, rows in r.groups_on(x.device):
-            params = entries[d].dense
-            if params:
-                yg = torch.func.functional_call(self._inner, dict(params), (x.index_select(0, rows), *args), kwargs)
-                y = y.index_copy(0, rows, yg)
-        return y
-
-    def extra_repr(self) -> str:
-        return f"{type(self._inner).__name__}, {self._deltas_repr()}"
+        return f"{type(self._inner).__name__}({self.num_embeddings}, {self.embedding_dim}), {self._deltas_repr()}"
 
 
 def wrapper_class(module: torch.nn.Module) -> Optional[type]:
@@ -334,18 +358,31 @@ def wrapper_class(module: torch.nn.Module) -> Optional[type]:
         return type(module)
     if isinstance(module, torch.nn.Embedding):
         return MultiDeltaEmbedding
-    if isinstance(module, torch.nn.Linear):
+    if isinstance(module, torch.nn.Linear) or is_conv1d(module):
         return MultiDeltaLinear
-    if next(module.children(), None) is None:
+    if next(module.children(), None) is None or is_unit(module) or is_moe_block(module):
         return MultiDeltaModule
     return None
+
+
+def is_moe_block(module: torch.nn.Module) -> bool:
+    """A mixture-of-experts block (its `experts` child stacks the experts): served per row as one unit,
+    its compressed experts included (batch-first outside; inside, the tokens are regrouped by expert)."""
+    experts = getattr(module, "experts", None)
+    return isinstance(experts, torch.nn.Module) and isinstance(getattr(experts, "num_experts", None), int)
+
+
+def is_unit(module: torch.nn.Module) -> bool:
+    """A module with parameters of its own and children: served per row as one unit with its subtree."""
+    return next(module.children(), None) is not None and next(module.parameters(recurse=False), None) is not None
 
 
 def wrap_module(module: torch.nn.Module, cache_dequantized: bool = False) -> MultiDeltaLayer:
     """`module` wrapped in its multi-delta layer (itself if it is one); UnsupportedDeltaError if none."""
     cls = wrapper_class(module)
     if cls is None:
-        raise UnsupportedDeltaError(f"{type(module).__name__} has submodules and cannot be served per row")
+        raise UnsupportedDeltaError(f"{type(module).__name__} has submodules and no parameters of its own; "
+                                    f"serve its submodules")
     if isinstance(module, MultiDeltaLayer):
         return module
     return cls(module, cache_dequantized) if cls is MultiDeltaLinear else cls(module)

@@ -6,11 +6,14 @@ checks are the artifact's own), wraps every module a delta touches in its multi-
 (`layers.py`), and routes each batch row to its delta: `model(input_ids, delta_ids=[...])`,
 `model.generate(input_ids, delta_ids=[...], ...)`.
 
-Kept (non-linear) tensors of a delta — those that differ from the base — are served per row when
-they are the weight of an `nn.Embedding`, the weight / bias of an `nn.Linear` (e.g. `lm_head`), or
-parameters of any other leaf module with a batch-first forward, such as the RMSNorm / LayerNorm
-weights every full fine-tune changes. Buffers and parameters of modules with children are refused
-with `UnsupportedDeltaError`. See docs/serving.md.
+Kept (non-matmul) tensors of a delta — those that differ from the base — are served per row when
+they are the weight of an `nn.Embedding` (through the embedding's own forward: Gemma's scale), the
+weight / bias of an `nn.Linear` or `Conv1D` (e.g. `lm_head`), or parameters of any other leaf module
+with a batch-first forward, such as the RMSNorm / LayerNorm weights every full fine-tune changes.
+A mixture-of-experts block, and a module with parameters of its own and children (CLIP's vision
+embeddings), are served as one unit: every tensor of a delta inside it, compressed experts included,
+replaces the unit's own for that delta's rows. Buffers, and a delta whose config differs from the
+base's in a field that changes outputs, are refused with `UnsupportedDeltaError`. See docs/serving.md.
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ from ..artifact import get_tensor, load_delta
 from ..checkpoint import few
 from ..compress import compressed_layers
 from ..fingerprint import same
-from ..format import read_delta_config
+from ..finetune_config import NEUTRAL, differing_fields
+from ..format import read_delta_config, spec_key
 from ..hub import resolve_delta_dir
 from .controls import deltas_disabled, disable_deltas, weighted_artifact
-from .layers import MultiDeltaLayer, wrap_module, wrapper_class
+from .layers import MultiDeltaLayer, is_moe_block, is_unit, wrap_module, wrapper_class
 from .routing import BASE, DeltaInUseError, Routing, UnknownDeltaError, UnsupportedDeltaError, routing
 
 __all__ = ["MultiDeltaModel"]
@@ -42,6 +46,24 @@ def _structural_copy(model: torch.nn.Module) -> torch.nn.Module:
     Python objects), for `artifact.load_delta` to swap tensors on without touching `model`."""
     memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     return copy.deepcopy(model, memo)
+
+
+def _serves_flat_tokens(module: torch.nn.Module) -> bool:
+    """A mixture-of-experts block: batch-first in and out, its router and experts see the tokens flattened."""
+    return is_moe_block(module)
+
+
+def _unit_of(root: torch.nn.Module, owner: str) -> str:
+    """The module serving the tensors of module `owner` per row: its outermost ancestor (or itself) that
+    is a mixture-of-experts block (batch-first outside, the tokens flattened and regrouped by expert
+    inside) or has parameters of its own and children (`layers.is_unit`), else `owner` itself.
+    Structural, so every delta is served by the same modules."""
+    parts = owner.split(".") if owner else []
+    for i in range(1, len(parts) + 1):
+        module = root.get_submodule(".".join(parts[:i]))
+        if is_moe_block(module) or is_unit(module):
+            return ".".join(parts[:i])
+    return owner
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -106,6 +128,7 @@ class MultiDeltaModel(torch.nn.Module):
             if name in self._ids:
                 raise ValueError(f"a delta named {name!r} is already loaded; unload it first")
         document = read_delta_config(delta_dir, verify=verify)
+        self._refuse_unservable(document)
         # load_delta checks everything (format, digests, base, shapes) and harmonises dtypes to the base's
         loaded = load_delta(_structural_copy(self._skeleton), delta_dir, verify=verify)
         layers, dense = self._plan(loaded, document)
@@ -132,32 +155,61 @@ class MultiDeltaModel(torch.nn.Module):
             self._documents[name] = document
             return delta_id
 
+    def _refuse_unservable(self, document: dict) -> None:
+        """What a mixed batch cannot give each row as its model alone would, refused before any work: a
+        config that differs from the base's in a field that changes the outputs (one batch runs one config)."""
+        differ = {k: v for k, v in differing_fields(self._skeleton, document.get("model_config")).items() if k not in NEUTRAL}
+        if differ:
+            shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(differ.items())[:3])
+            raise UnsupportedDeltaError(
+                f"the fine-tune's config differs from the base's ({shown}{', ...' if len(differ) > 3 else ''}); one "
+                f"batch runs one config, so this delta cannot be served per row next to others — serve it alone with "
+                f"artifact.load_delta / DeltaCoMeModel.from_pretrained, which applies the fine-tune's config")
+
     def _plan(self, loaded: torch.nn.Module, document: dict):
-        """-> ({module: compressed weight}, {module: {leaf: dense tensor}}) of one delta loaded onto a
-        structural copy; refuses what cannot be served per row."""
-        layers = {name: loaded.get_submodule(name).weight for name in document["layers"]}
+        """-> ({module: compressed weight}, {module: {leaf: tensor}}) of one delta loaded onto a structural
+        copy; refuses what cannot be served per row. A tensor inside a module served as one unit (a
+        mixture-of-experts block, or a module with parameters and children: `_unit_of`) — compressed
+        (stacked experts, a shared expert's projections) or not (routers, norms) — is a replacement of
+        that unit's tensor under its nested name."""
+        layers, by_key, dense, refused = {}, {}, {}, []
+        for name, spec in document["layers"].items():
+            key = spec_key(name, spec)
+            owner, leaf = _split(key)
+            by_key[key] = loaded.get_submodule(owner)._parameters[leaf]
+            unit = _unit_of(self._skeleton, owner)
+            if unit != owner or by_key[key].dim() == 3:
+                if not _serves_flat_tokens(self._skeleton.get_submodule(unit)) and by_key[key].dim() == 3:
+                    refused.append(f"{key} (stacked experts outside a mixture-of-experts block)")
+                dense.setdefault(unit, {})[key[len(unit) + 1:]] = by_key[key]
+            else:
+                layers[owner] = by_key[key]
+        for alias, target in document.get("aliases", {}).items():  # a compressed table tied to lm_head
+            if target in by_key:
+                layers[_split(alias)[0]] = by_key[target]
         base_state = dict(self._skeleton.state_dict(keep_vars=True))
         kept_names = set(document.get("kept", []))
         kept_names |= {alias for alias, target in document.get("aliases", {}).items() if target in kept_names}
-        dense, refused = {}, []
         for key in sorted(kept_names):
             value = get_tensor(loaded, key)
             if key in base_state and same(value.detach(), base_state[key].detach()):
                 continue  # stored (e.g. saved without a base) but equal to the base's: nothing to serve
             owner, leaf = _split(key)
+            unit = _unit_of(self._skeleton, owner)  # a parameter inside a unit is served by the unit
+            owner, leaf = unit, key[len(unit) + 1:] if unit else key
             module = self._skeleton.get_submodule(owner) if owner else self._skeleton
             cls = wrapper_class(module)
             # a compressed layer's weight is never a kept tensor
-            ok = cls is not None and cls.serves(module, leaf) and not (owner in layers and leaf == "weight")
-            if not ok:
+            if cls is None or not cls.serves(module, leaf) or (owner in layers and leaf == "weight"):
                 refused.append(f"{key} ({type(module).__name__})")
                 continue
             dense.setdefault(owner, {})[leaf] = value.detach()
         if refused:
             raise UnsupportedDeltaError(
                 f"the delta changes tensors that cannot be swapped per row: {few(refused)}; only "
-                "projection deltas, nn.Embedding tables, nn.Linear weights/biases (e.g. lm_head) and parameters of "
-                "leaf modules such as norms can be served in a mixed batch — serve this fine-tune alone with artifact.load_delta")
+                "compressed layers, nn.Embedding tables, nn.Linear weights/biases (e.g. lm_head) and parameters of "
+                "modules with a batch-first forward (norms, MoE blocks) can be served in a mixed batch — serve this "
+                "fine-tune alone with artifact.load_delta")
         return layers, dense
 
     def _multi(self, module_name: str) -> torch.nn.Module:
