@@ -146,7 +146,7 @@ def table(results: dict) -> str:
         lines.append("")
         sel = [r for r in entry["rows"] if r["how"] is not None]
         caps = sorted({(r["cap"], r["cap_label"]) for r in sel})
-        lines += [f"Which directions (PEFT, + modules_to_save; R = " + ", ".join(f"{c} (= {l} at 4096)" for c, l in caps)
+        lines += ["Which directions (PEFT, + modules_to_save; R = " + ", ".join(f"{c} (= {l} at 4096)" for c, l in caps)
                   + "):", "", "| selection | " + " | ".join(f"R = {c}: acc / KL / weight rel. error" for c, _ in caps) + " |",
                   "|---|" + "---:|" * len(caps)]
         for how in SELECTIONS:
