@@ -40,9 +40,11 @@ DOC = REPO / "docs" / "architectures.md"
 RESULTS = REPO / "benchmarks" / "results" / "architectures.json"
 
 
-def matrix(backend: str) -> list:
+def matrix(backend: str, names=None) -> list:
     rows = []
     for name, arch in ARCHITECTURES.items():
+        if names is not None and name not in names:
+            continue
         start = time.perf_counter()
         row = check(arch, backend=backend, embeddings=True)
         print(f"{name}: {time.perf_counter() - start:.1f} s {row.errors or ''}", flush=True)
@@ -310,6 +312,9 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="matrix only, compile with backend='aot_eager'")
     p.add_argument("--no-doc", action="store_true", help="print, do not write docs/architectures.md")
     p.add_argument("--render", action="store_true", help="rewrite the page from benchmarks/results/architectures.json")
+    p.add_argument("--smoke", action="store_true",
+                   help="CPU check mode: llama and mixtral only, aot_eager, the MoE size and the grouped timing, no "
+                        "docs; JSON to $TMPDIR/deltacome-benchmarks/architectures.json")
     args = p.parse_args(argv)
     if args.render:
         from deltacome_ao.evaluation.architectures import Row
@@ -325,14 +330,21 @@ def main(argv=None):
     import tempfile
 
     start = time.perf_counter()
-    backend = "aot_eager" if args.quick else "inductor"
-    rows = matrix(backend)
+    backend = "aot_eager" if args.quick or args.smoke else "inductor"
+    rows = matrix(backend, ("llama", "mixtral") if args.smoke else None)
     seconds = time.perf_counter() - start
     print(format_table(rows))
     with tempfile.TemporaryDirectory() as tmp:
         moe = moe_size(Path(tmp))
     grouped = grouped_timing()
-    zoo = [] if args.quick else embeddings_on_zoo()
+    zoo = [] if args.quick or args.smoke else embeddings_on_zoo()
+    if args.smoke:
+        out = Path(tempfile.gettempdir()) / "deltacome-benchmarks" / "architectures.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out, json.dumps({"rows": [r.__dict__ for r in rows], "moe_size": moe, "grouped": grouped,
+                                           "backend": backend}, indent=2, default=str) + "\n")
+        print(f"wrote {out}")
+        return
     text = write_doc(rows, moe, grouped, zoo, backend, seconds)
     if args.no_doc:
         print(text)

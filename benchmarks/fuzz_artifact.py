@@ -62,10 +62,11 @@ OUTCOMES = ("identical", "clear_error", "silent_different", "forward_error", "ot
 def documented_errors() -> tuple[type, ...]:
     """The error types docs/artifact.md documents for a bad artifact or a wrong base."""
     from deltacome_ao.checkpoint import CheckpointMismatchError
+    from deltacome_ao.finetune_config import ConfigMismatchError
     from deltacome_ao.fingerprint import BaseMismatchError
     from deltacome_ao.format import DeltaFormatError
 
-    return (DeltaFormatError, BaseMismatchError, CheckpointMismatchError)
+    return (DeltaFormatError, BaseMismatchError, CheckpointMismatchError, ConfigMismatchError)
 
 
 # --- the artifact under test ------------------------------------------------------------------------

@@ -407,7 +407,7 @@ def check_document(document: Any, where: Any, verify: str = "full") -> dict:
             raise DeltaFormatError(f"{where}: field 'layers' has a bad module name {name!r}")
         check_spec(spec, f"{where}: layers[{name!r}]")
     kept = _check_field(document, "kept", _names_ok, "a list of distinct tensor names", where, required=True)
-    weights = {weight_key(n) for n in layers}
+    weights = {spec_key(n, spec) for n, spec in layers.items()}
     clash = sorted(weights & set(kept))
     if clash:
         raise DeltaFormatError(f"{where}: field 'kept' lists compressed weights {_few(clash)}")
@@ -476,7 +476,7 @@ def _check_tensor_file(file: Path, document: Mapping) -> None:
         for module, spec in document["layers"].items():
             cls = check_spec(spec, module)
             for inner, (shape, dtype) in list(cls.inner_layout(spec).items())[1:]:
-                stored_dtype, stored_shape = f.layout(f"{weight_key(module)}{SEP}{inner}")
+                stored_dtype, stored_shape = f.layout(f"{spec_key(module, spec)}{SEP}{inner}")
                 if stored_dtype != dtype_name(dtype) or stored_shape != list(shape):
                     raise DeltaFormatError(
                         f"{file}: {module}: {inner} is {tuple(stored_shape)} {stored_dtype}, the layer's structure "

@@ -364,7 +364,8 @@ class DeltaCoMeHfQuantizer(HfQuantizer):
         config = self.quantization_config
         config.modules = {name: w.spec() for name, w in layers.items()}  # config.json is written after this
         state = flatten_state_dict(model.state_dict())
-        config.digests = {k: full_hash(v) for k, v in state.items() if SEP in k}  # every inner tensor
+        stored = stored_names(config.modules, with_base=True)  # a tied alias of a compressed table is not stored
+        config.digests = {k: full_hash(v) for k, v in state.items() if k in stored}  # every inner tensor
         # the guard sits on a 2-D layer's `<module>.weight` (stacked experts have other parameter names)
         config.guard = next((k for k in (spec_key(n, s) for n, s in config.modules.items()) if k.endswith(".weight")),
                             None)

@@ -271,8 +271,12 @@ def test_finetune_config_is_applied_or_refused(tmp_path):
     with pytest.raises(UnsupportedDeltaError, match="rope_parameters"):
         MultiDeltaModel(copy.deepcopy(base)).load_delta("a", tmp_path / "d")
     # a structural difference cannot be applied: refused before anything changes
+    from deltacome_ao.format import DOCUMENT_DIGEST, document_digest
+
     doc = json.loads((tmp_path / "d" / "delta_config.json").read_text())
     doc["model_config"]["tie_word_embeddings"] = True
+    del doc[DOCUMENT_DIGEST]
+    doc[DOCUMENT_DIGEST] = document_digest(doc)  # as if written so, not a corrupted file
     (tmp_path / "d" / "delta_config.json").write_text(json.dumps(doc))
     target = copy.deepcopy(base)
     with pytest.raises(ConfigMismatchError, match="tie_word_embeddings"):

@@ -172,7 +172,7 @@ def test_size_is_the_delta_plus_kept_tensors(pair, tmp_path):
     assert payload_bytes(out / "delta.safetensors") == compressed + kept  # nothing else stored, no base weight
     size = delta_size(out)
     assert size == sum(f.stat().st_size for f in out.iterdir())
-    assert size - (compressed + kept) < 40_000  # the safetensors header and delta_config.json
+    assert size - (compressed + kept) < 48_000  # the safetensors header, delta_config.json and the model card
     fp32_bytes = sum(v.numel() * v.element_size() for v in base.state_dict().values())
     assert size < fp32_bytes / 2
 

@@ -142,6 +142,16 @@ def check_target_correction(tmp, stdout):
     assert finite(*rows[0]["accuracy"], *rows[0]["kl"]) and all(0 <= a <= 1 for a in rows[0]["accuracy"])
 
 
+def check_architectures(tmp, stdout):
+    doc = load(tmp, "architectures.json")
+    rows = {r["arch"]: r for r in doc["rows"]}
+    assert set(rows) == {"llama", "mixtral"} and not any(r["errors"] for r in rows.values()), rows
+    assert all(r["share"] >= 0.95 and r["artifact_exact"] and r["hf_exact"] for r in rows.values())
+    moe = doc["moe_size"]["every matmul weight (now)"]
+    assert moe["ratio_to_changed_fp16"] < 0.1 < doc["moe_size"]["nn.Linear only (before)"]["ratio_to_changed_fp16"]
+    assert doc["grouped"]["grouped_vs_loop_max_diff"] < 1e-4 and finite(doc["grouped"]["compressed_grouped_ms"])
+
+
 def check_fuzz_artifact(tmp, stdout):
     doc = load(tmp, "fuzz-artifact.json")
     assert doc["total"] == 100 and doc["seeds"] == [0] and doc["verify"] == "full"
@@ -169,6 +179,7 @@ def check_lora_import(tmp, stdout):
 
 # script, arguments, extra environment (None: remove the variable), check
 CASES = {
+    "architectures": ("architectures.py", ["--smoke"], {}, check_architectures),
     "compressed_base": ("compressed_base.py", ["--quick"], {}, check_compressed_base),
     "kernels-smoke": ("kernels.py", ["--smoke"], {"TRITON_INTERPRET": "1"}, check_kernels_smoke),
     "kernels-aot": ("kernels.py", ["--aot", "--shapes", "136x200", "--tokens", "1,17"], {"TRITON_INTERPRET": None},
