@@ -27,7 +27,7 @@ STAGES = [
     ["allocate"],
     ["quantize", "gptq"],
     ["packing"],
-    ["factors"],
+    ["factors", "slicing"],
     ["ops"],
     ["delta_tensor"],
     ["methods"],

@@ -36,6 +36,7 @@ from ..gptq import gptq_input_groups, gptq_output_groups
 from . import register_method
 from ..ops import delta_linear, delta_only_linear
 from ..quantize import dequantize_rows, quantize_rows
+from ..slicing import slice_factors
 
 __all__ = ["MixedPrecisionDeltaTensor", "BudgetTooSmallError", "SVDDeltaOptions", "compress_factors"]
 
@@ -219,6 +220,15 @@ class MixedPrecisionDeltaTensor(DeltaTensor):
     def delta_term(self, x: torch.Tensor) -> torch.Tensor:
         v, ut = self.factors.dequantize()
         return low_rank_term(x, v, ut, self.s)
+
+    def sliced(self, dim, start, end):
+        """`W[start:end]` / `W[:, start:end]`: base rows / columns, and the cut factor repacked
+        (`slicing.slice_factors`, exact; a start off a group boundary refines the group size)."""
+        base = self.base_weight.narrow(dim, start, end - start).contiguous()
+        return MixedPrecisionDeltaTensor.from_factors(base, slice_factors(self.factors, dim, start, end))
+
+    def transposed(self):
+        return MixedPrecisionDeltaTensor.from_factors(self.base_weight.t(), self.factors.transposed())
 
     def linear(self, x, bias=None):
         f = self.factors
