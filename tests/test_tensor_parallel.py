@@ -167,3 +167,97 @@ def test_parallelize_module_matches_one_process(method):
     for r in results:
         torch.testing.assert_close(r["logits"], expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(results[0]["logits"], results[1]["logits"])
+
+
+# --- one rank's part of an engine's (maybe fused) layer: tensor_parallel.LayerShards -------------
+
+from deltacome_ao.format import DeltaFormatError  # noqa: E402
+from deltacome_ao.tensor_parallel import LayerShards, check_shardable, shard_range  # noqa: E402
+
+HIDDEN, HEAD, HEADS, KV_HEADS, INTER = 64, 8, 8, 2, 96
+
+
+def _full_weights(kind: str):
+    """q, k, v, gate, up, down of one layer, compressed (group 8: every shard below starts on a group)."""
+    shapes = {"q": (HEADS * HEAD, HIDDEN), "k": (KV_HEADS * HEAD, HIDDEN), "v": (KV_HEADS * HEAD, HIDDEN),
+              "gate": (INTER, HIDDEN), "up": (INTER, HIDDEN), "down": (HIDDEN, INTER)}
+    return {n: weight(kind, o, i, group_size=8, seed=s) for s, (n, (o, i)) in enumerate(shapes.items())}
+
+
+def _rank_layer(full, names, shard_ids, local_out, local_in, rank, tp):
+    """What the vLLM plugin does on one rank: stream every stored tensor into LayerShards, then put
+    the rank's base slice (cut here the way vLLM's loader cuts it) under the cut deltas."""
+    specs = {n: full[n].spec() for n in names}
+    shards = LayerShards(names, specs, local_out, local_in, rank, tp, torch.float32)
+    assert shards.inner_names[0] == "base_weight"
+    for n, sid in zip(names, shard_ids):
+        for inner, t in full[n].delta_tensors().items():
+            shards.add(inner, sid, t)
+    bases = []
+    for n, out_j in zip(names, local_out):
+        o, i = full[n].shape
+        a, b = shard_range(o, out_j, rank, tp)
+        c, d = shard_range(i, local_in, rank, tp)
+        bases.append(full[n].base_weight[a:b, c:d])
+    return shards.local_weights(torch.cat(bases))
+
+
+@pytest.mark.parametrize("kind", ["deltacome", "bitdelta"])
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+def test_fused_column_parallel_layers_at_every_tp_degree(kind, tp):
+    """qkv (kv heads replicated over ranks when tp > kv heads) and gate_up: each rank's sub-matrix
+    equals those rows of the whole compressed weight, and the ranks' outputs concatenate to the whole."""
+    full = _full_weights(kind)
+    x = torch.randn(5, HIDDEN, generator=torch.Generator().manual_seed(3))
+    kv_local = max(KV_HEADS // tp, 1) * HEAD
+    layers = {"qkv": (["q", "k", "v"], ["q", "k", "v"], [HEADS * HEAD // tp, kv_local, kv_local]),
+              "gate_up": (["gate", "up"], [0, 1], [INTER // tp, INTER // tp])}
+    for names, ids, local_out in layers.values():
+        outs = {n: [] for n in names}
+        for rank in range(tp):
+            local = _rank_layer(full, names, ids, local_out, HIDDEN, rank, tp)
+            for n, w, out_j in zip(names, local, local_out):
+                a, b = shard_range(full[n].shape[0], out_j, rank, tp)
+                assert type(w) is type(full[n]) and tuple(w.shape) == (b - a, HIDDEN)
+                torch.testing.assert_close(w.dequantize(), full[n].dequantize()[a:b], rtol=0, atol=1e-6)
+                if (b - a) * tp == full[n].shape[0]:  # not a replicated kv shard
+                    outs[n].append(torch.nn.functional.linear(x, w))
+        for n in names:
+            if outs[n]:
+                torch.testing.assert_close(torch.cat(outs[n], dim=-1), torch.nn.functional.linear(x, full[n]),
+                                           rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+def test_row_parallel_partial_outputs_sum_to_the_whole(tp):
+    full = _full_weights("deltacome")
+    x = torch.randn(5, INTER, generator=torch.Generator().manual_seed(4))
+    total = 0
+    for rank in range(tp):
+        (w,) = _rank_layer(full, ["down"], [None], [HIDDEN], INTER // tp, rank, tp)
+        a, b = shard_range(INTER, INTER // tp, rank, tp)
+        assert tuple(w.shape) == (HIDDEN, INTER // tp)
+        total = total + torch.nn.functional.linear(x[:, a:b], w)  # what vLLM's all-reduce adds up
+    torch.testing.assert_close(total, torch.nn.functional.linear(x, full["down"]), rtol=1e-5, atol=1e-5)
+
+
+def test_layer_shards_errors_and_notes():
+    full = _full_weights("deltacome")
+    spec = full["down"].spec()
+    shards = LayerShards(["down"], {"down": spec}, [HIDDEN], INTER // 2, 1, 2, torch.float32)
+    shards.add("v_packed", None, full["down"].v_packed)
+    with pytest.raises(DeltaFormatError, match="down.weight:v_scale"):
+        shards.local_weights(torch.zeros(HIDDEN, INTER // 2))
+    with pytest.raises(DeltaFormatError, match="loaded twice|not in the checkpoint|v_packed"):
+        for inner, t in full["down"].delta_tensors().items():
+            shards.add(inner, None, t)
+        shards.add("v_packed", None, full["down"].v_packed)
+    # a dense (uncompressed) sub-matrix of a fused layer gets None and refuses delta tensors
+    mixed = LayerShards(["q", "k"], {"q": full["q"].spec()}, [HEADS * HEAD, KV_HEADS * HEAD], HIDDEN, 0, 1, torch.float32)
+    with pytest.raises(DeltaFormatError, match="does not list as compressed"):
+        mixed.add("s", "k", full["q"].s)
+    with pytest.raises(ValueError, match="do not split"):
+        shard_range(96, 40, 0, 2)
+    note = check_shardable("model.layers.0.mlp.down_proj", {"group_size": 128}, 1, 2752, 5504)
+    assert "group_size 128" in note and "group size 64" in note and "down_proj" in note
+    assert check_shardable("x", {"group_size": 128}, 0, 1024, 2048) is None
