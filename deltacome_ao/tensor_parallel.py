@@ -144,7 +144,7 @@ class LayerShards:
         if j in self._cut:
             raise DeltaFormatError(f"{sub.name}.weight:{inner} loaded twice")
         parts = self._parts.setdefault(j, {})
-        parts[inner] = tensor.detach().to(device if device is not None else tensor.device).clone()
+        parts[inner] = tensor.detach().to(device if device is not None else tensor.device, copy=True)
         kind = tensor_class(sub.spec, sub.name)
         if set(parts) >= set(kind.tensor_data_names[1:]):
             self._cut[j] = self._cut_sub(sub, self._parts.pop(j))
