@@ -25,6 +25,7 @@ docs/vllm.md: how to serve, what is measured, and what multi-delta serving insid
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Optional
 
 import torch
@@ -34,10 +35,11 @@ from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 from vllm.model_executor.utils import set_weight_attrs
 
+from .factors import low_rank_term
 from .format import FORMAT_VERSION, SEP, DeltaFormatError, check_spec
 from .tensor_parallel import LayerShards
 
-__all__ = ["QUANT_METHOD", "DeltaCoMeVllmConfig", "DeltaCoMeLinearMethod", "register"]
+__all__ = ["QUANT_METHOD", "DeltaCoMeVllmConfig", "DeltaCoMeLinearMethod", "register", "cache_factors"]
 
 QUANT_METHOD = "deltacome"
 
@@ -148,21 +150,44 @@ class DeltaCoMeLinearMethod(LinearMethodBase):
         for inner in shards.inner_names:
             del layer._parameters[f"weight{SEP}{inner}"]
         layer.deltacome_layout = tuple((s.offset, s.local_out) for s in shards.subs)
+        cache = cache_factors()
+        cached = []
         for j, w in enumerate(weights):
-            if w is not None:
+            factors = w.low_rank_factors() if w is not None and cache else None
+            if factors is not None:  # CPU speed option: fp32 factors once, the reference arithmetic per call
+                v, ut = factors.dequantize()
+                for name, t in (("v", v), ("ut", ut), ("s", factors.s)):
+                    layer.register_buffer(f"deltacome_{j}_{name}", t.contiguous(), persistent=False)
+            elif w is not None:
                 layer.register_parameter(f"deltacome_{j}", Parameter(w, requires_grad=False))
+            cached.append(factors is not None)
+        layer.deltacome_cached = tuple(cached)
         del layer.deltacome_shards
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         layout = layer.deltacome_layout
-        if len(layout) == 1:
+        if len(layout) == 1 and not layer.deltacome_cached[0]:
             return torch.nn.functional.linear(x, layer.deltacome_0, bias)
         outs = []
         for j, (offset, size) in enumerate(layout):
+            if layer.deltacome_cached[j]:
+                # exactly `deltacome::delta_linear`'s reference arithmetic, from the cached fp32 factors
+                y = torch.nn.functional.linear(x, layer.weight.narrow(0, offset, size).to(x.dtype)).float()
+                delta = low_rank_term(x, getattr(layer, f"deltacome_{j}_v"), getattr(layer, f"deltacome_{j}_ut"),
+                                      getattr(layer, f"deltacome_{j}_s"))
+                outs.append((y + delta).to(x.dtype))
+                continue
             w = getattr(layer, f"deltacome_{j}", None)
             outs.append(torch.nn.functional.linear(x, w if w is not None else layer.weight.narrow(0, offset, size)))
-        y = torch.cat(outs, dim=-1)
+        y = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
         return y if bias is None else y + bias
+
+
+def cache_factors() -> bool:
+    """`DELTACOME_VLLM_CACHE_FACTORS=1`: keep each rank's factors dequantized (fp32) instead of
+    unpacking them at every call — faster on CPU, where the op runs its reference path, for
+    4·r·(in + out) bytes per matrix. CUDA's kernels read the packed codes directly: leave it off."""
+    return os.environ.get("DELTACOME_VLLM_CACHE_FACTORS", "").lower() in ("1", "true", "yes")
 
 
 def register() -> None:

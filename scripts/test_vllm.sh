@@ -81,10 +81,16 @@ for tp in $TPS; do
     status=1
   fi
   if [ -n "${BENCH:-}" ]; then
-    for model in compressed dense; do  # the same vLLM, prompts and settings, one after the other
-      run bench --work "$WORK/w" --tp "$tp" --model "$model" > "$WORK/bench-$model-tp$tp.log" 2>&1 \
-        || { tail -20 "$WORK/bench-$model-tp$tp.log"; status=1; }
-      grep -E "^TP=" "$WORK/bench-$model-tp$tp.log" | sed 's/^/   bench: /' || true
+    # the same vLLM, prompts and settings, one after the other; "cached" = DELTACOME_VLLM_CACHE_FACTORS=1
+    for model in compressed cached dense; do
+      log="$WORK/bench-$model-tp$tp.log"
+      if [ "$model" = cached ]; then
+        DELTACOME_VLLM_CACHE_FACTORS=1 run bench --work "$WORK/w" --tp "$tp" --model compressed > "$log" 2>&1 \
+          || { tail -20 "$log"; status=1; }
+      else
+        run bench --work "$WORK/w" --tp "$tp" --model "$model" > "$log" 2>&1 || { tail -20 "$log"; status=1; }
+      fi
+      grep -E "^TP=" "$log" | sed 's/^/   bench: /' || true
     done
   fi
 done

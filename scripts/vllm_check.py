@@ -120,10 +120,14 @@ def bench(args) -> int:
     ref = json.loads((work / "reference.json").read_text())
     prompts = ref["prompts"] * args.batch_repeat
     llm = _engine(work / args.model, args.tp, args.eager)
+    if args.model == "compressed" and _generate(llm, ref["prompts"], ref["new_tokens"]) != ref["tokens"]:
+        print(f"TP={args.tp}: the benchmarked engine does not give deltacome_ao's greedy tokens", flush=True)
+        return 1
     tok_s = _timed(llm, prompts, args.new_tokens, args.repeat)
-    result = {"model": args.model, "tp": args.tp, "tok_s": round(tok_s, 1), "batch": len(prompts),
+    label = args.model + (" (factors cached)" if os.environ.get("DELTACOME_VLLM_CACHE_FACTORS") else "")
+    result = {"model": label, "tp": args.tp, "tok_s": round(tok_s, 1), "batch": len(prompts),
               "new_tokens": args.new_tokens, "runs": args.repeat}
-    print(f"TP={args.tp} {args.model}: {tok_s:.1f} tokens/s (batch {len(prompts)}, {args.new_tokens} new tokens "
+    print(f"TP={args.tp} {label}: {tok_s:.1f} tokens/s (batch {len(prompts)}, {args.new_tokens} new tokens "
           f"each, {args.repeat} timed runs after one warm-up)", flush=True)
     if args.result:
         Path(args.result).write_text(json.dumps(result))
