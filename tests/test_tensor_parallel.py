@@ -261,3 +261,27 @@ def test_layer_shards_errors_and_notes():
     note = check_shardable("model.layers.0.mlp.down_proj", {"group_size": 128}, 1, 2752, 5504)
     assert "group_size 128" in note and "group size 64" in note and "down_proj" in note
     assert check_shardable("x", {"group_size": 128}, 0, 1024, 2048) is None
+
+
+def test_vllm_plugin_is_declared_and_lazy():
+    """The entry point vLLM loads in every process names a function that exists, and the library
+    never imports the plugin (vllm is an optional extra; scripts/test_vllm.sh runs it for real)."""
+    import ast
+    import tomllib
+    from pathlib import Path
+
+    root = Path(HERE).parent
+    eps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["entry-points"]["vllm.general_plugins"]
+    assert eps == {"deltacome": "deltacome_ao.vllm_plugin:register"}
+    tree = ast.parse((root / "deltacome_ao" / "vllm_plugin.py").read_text())
+    assert "register" in {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    for path in (root / "deltacome_ao").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            assert not any("vllm" in n.split(".") or n.endswith("vllm_plugin") for n in names) \
+                or path.name == "vllm_plugin.py", path
