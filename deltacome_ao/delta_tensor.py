@@ -15,6 +15,7 @@ CLI — talks to a kind only through this class, so a new kind needs no edit out
     check_attributes(attributes) -> None or the reason they are invalid (optional)
     describe() -> short text of the structure, e.g. "8b×2 3b×32" (optional)
     low_rank_factors() -> PackedFactors or None (optional: batched multi-delta kernels)
+    sliced(dim, start, end), transposed() -> DeltaTensor (optional: tensor parallelism, DTensor)
 
 and gets, shared: the JSON `spec()` of a weight and its inverse `from_parts(spec, tensors)` (shapes
 and dtypes checked against `inner_layout(spec)`), `shell(spec)` (an empty weight of that structure),
@@ -116,6 +117,10 @@ class DeltaTensor(TorchAOBaseTensor):
         """One weight of shape (E, out, in) from E weights of this kind (optional): how stacked expert
         parameters (transformers' MoE `experts.gate_up_proj`, ...) are stored and served."""
         raise NotImplementedError(f"{cls.__name__} cannot stack expert matrices")
+    def sliced(self, dim: int, start: int, end: int) -> "DeltaTensor":
+        """The compressed weight `W[start:end]` (dim 0) or `W[:, start:end]` (dim 1), exact, of the
+        same kind (optional: tensor parallelism shards weights with it; see the ops at the end)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be sliced")
 
     # --- shared -----------------------------------------------------------------------------------
 
@@ -429,3 +434,98 @@ def _(func, types, args, kwargs):
         return w.embedding(ids)  # padding_idx, scale_grad_by_freq, sparse only concern gradients
     with torch._C.DisableTorchFunctionSubclass():
         return func(*args, **kwargs)
+# --- slices and transposes: the ops tensor parallelism runs (DTensor, vLLM; docs/vllm.md) ----------
+#
+# A slice of a compressed weight is a compressed weight of the slice (`DeltaTensor.sliced`, which each
+# kind implements exactly, e.g. by repacking its codes), never a dense copy; a transpose is the
+# compressed weight of the transpose (`transposed`). `mm` / `addmm` against a transposed weight (what
+# `F.linear` decomposes into under DTensor) run the kind's own linear.
+
+
+def _slice_bounds(w: torch.Tensor, dim: int, start, end) -> tuple[int, int, int]:
+    dim = dim % w.ndim
+    size = w.shape[dim]
+    start = 0 if start is None else (start + size if start < 0 else start)
+    end = size if end is None else (end + size if end < 0 else end)
+    return dim, max(0, min(start, size)), max(0, min(end, size))
+
+
+def _piece(w: "DeltaTensor", dim: int, start: int, end: int) -> "DeltaTensor":
+    if start == 0 and end == w.shape[dim]:
+        return _shallow(w)
+    if end <= start:
+        raise NotImplementedError(f"an empty slice of a {type(w).__name__} (dim {dim}, [{start}, {end}))")
+    return w.sliced(dim, start, end)
+
+
+def _shallow(w: "DeltaTensor") -> "DeltaTensor":
+    return type(w)(*(getattr(w, n) for n in w.tensor_data_names), *w.attributes.values())
+
+
+@implements(aten.slice.Tensor)
+def _(func, types, args, kwargs):
+    w, dim = args[0], args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    start = args[2] if len(args) > 2 else kwargs.get("start")
+    end = args[3] if len(args) > 3 else kwargs.get("end")
+    step = args[4] if len(args) > 4 else kwargs.get("step", 1)
+    if step != 1:
+        raise NotImplementedError(f"a strided slice (step {step}) of a {type(w).__name__}")
+    dim, start, end = _slice_bounds(w, dim, start, end)
+    return _piece(w, dim, start, end)
+
+
+@implements([aten.split.Tensor, aten.split_with_sizes.default])
+def _(func, types, args, kwargs):
+    w, sizes = args[0], args[1]
+    dim = (args[2] if len(args) > 2 else kwargs.get("dim", 0)) % w.ndim
+    total = w.shape[dim]
+    if isinstance(sizes, int):
+        sizes = [min(sizes, total - s) for s in range(0, total, sizes)]
+    out, start = [], 0
+    for size in sizes:
+        out.append(_piece(w, dim, start, start + size))
+        start += size
+    return out
+
+
+@implements([aten.detach.default, aten.alias.default])
+def _(func, types, args, kwargs):
+    return _shallow(args[0])
+
+
+@implements(aten.clone.default)
+def _(func, types, args, kwargs):
+    w = args[0]
+    return type(w)(*(getattr(w, n).clone() for n in w.tensor_data_names), *w.attributes.values())
+
+
+@implements(aten.view.default)
+def _(func, types, args, kwargs):
+    """Only the identity view (what `DTensor.from_local` and `view_as` take)."""
+    w, shape = args[0], list(args[1])
+    if -1 in shape and shape.count(-1) == 1:
+        known = 1
+        for d in shape:
+            known *= d if d != -1 else 1
+        shape[shape.index(-1)] = w.numel() // max(known, 1)
+    if tuple(shape) != tuple(w.shape):
+        raise NotImplementedError(f"a {type(w).__name__} of shape {tuple(w.shape)} cannot be viewed as {tuple(shape)}")
+    return _shallow(w)
+
+
+@implements(aten.mm.default)
+def _(func, types, args, kwargs):
+    """`x @ Wᵀ` with the transposed weight second: the kind's linear, never a dense weight."""
+    x, wt = args
+    if not isinstance(wt, DeltaTensor) or isinstance(x, DeltaTensor):
+        raise NotImplementedError("mm with a compressed weight is supported as x @ Wᵀ only")
+    return wt.transposed().linear(x)
+
+
+@implements(aten.addmm.default)
+def _(func, types, args, kwargs):
+    bias, x, wt = args[:3]
+    beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
+    if not isinstance(wt, DeltaTensor) or isinstance(x, DeltaTensor) or beta != 1 or alpha != 1:
+        raise NotImplementedError("addmm with a compressed weight is supported as bias + x @ Wᵀ only")
+    return wt.transposed().linear(x, bias)

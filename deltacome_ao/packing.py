@@ -50,6 +50,8 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_rows(buf: torch.Tensor, bits: int, rows: int, length: int) -> torch.Tensor:
     """Inverse of `pack_rows`: (r, L) uint8 codes (fp16 values when bits == 16)."""
     if bits == FP16_BITS:
+        if buf.storage_offset() % 2:  # a 16-bit band may follow an odd number of bytes
+            buf = buf.clone()
         return buf.view(torch.float16).view(rows, length)
     padded = padded_length(length)
     if bits == 8 or rows == 0:

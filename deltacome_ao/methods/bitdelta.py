@@ -60,6 +60,20 @@ class BitDeltaTensor(DeltaTensor):
     def delta_term(self, x: torch.Tensor) -> torch.Tensor:
         return self.scale * (x.float() @ self.sign().T)
 
+    def _with_signs(self, base: torch.Tensor, positive: torch.Tensor) -> "BitDeltaTensor":
+        return BitDeltaTensor(base, pack_rows(positive.contiguous(), 1), self.scale)
+
+    def _positive(self) -> torch.Tensor:
+        return unpack_rows(self.sign_packed, 1, *self.base_weight.shape)
+
+    def sliced(self, dim, start, end):
+        """The same scale, the sign bits of the slice repacked (exact)."""
+        base = self.base_weight.narrow(dim, start, end - start).contiguous()
+        return self._with_signs(base, self._positive().narrow(dim, start, end - start))
+
+    def transposed(self):
+        return self._with_signs(self.base_weight.t(), self._positive().t())
+
 
 def _compress(finetuned, base, config, *, name="weight", hessian=None):
     return BitDeltaTensor.from_hp(finetuned, base, name=name)

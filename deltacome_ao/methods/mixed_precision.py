@@ -35,6 +35,7 @@ from ..gptq import gptq_input_groups, gptq_output_groups
 from . import register_method
 from ..ops import delta_linear, delta_only_linear
 from ..quantize import dequantize_rows, quantize_rows
+from ..slicing import slice_factors
 
 __all__ = ["MixedPrecisionDeltaTensor", "BudgetTooSmallError", "SVDDeltaOptions", "compress_factors", "svd_options"]
 
@@ -247,6 +248,11 @@ class MixedPrecisionDeltaTensor(DeltaTensor):
         """Rows of Û diag(s) V̂ for a compressed embedding table, without forming the (V, H) delta."""
         v, ut = self.factors.dequantize()
         return torch.nn.functional.embedding(ids, ut.T * self.s) @ v
+    def sliced(self, dim, start, end):
+        """`W[start:end]` / `W[:, start:end]`: base rows / columns, and the cut factor repacked
+        (`slicing.slice_factors`, exact; a start off a group boundary refines the group size)."""
+        base = self.base_weight.narrow(dim, start, end - start).contiguous()
+        return MixedPrecisionDeltaTensor.from_factors(base, slice_factors(self.factors, dim, start, end))
 
     def linear(self, x, bias=None):
         f = self.factors
