@@ -312,9 +312,10 @@ class DeltaTensor(TorchAOBaseTensor):
 def unsupported_op_message(kind: str, op: Any) -> str:
     """The one error for an operation a compressed weight does not implement."""
     return (
-        f"{kind} (a compressed delta weight) does not support {op}. Compressed weights support F.linear, "
-        f".t(), .to(device / dtype), detach / clone, copy_ from a compressed weight of the same structure and "
-        f"empty_like (model.to_empty); for anything else use weight.dequantize() (the dense W_base + delta) or "
+        f"{kind} (a compressed delta weight) does not support {op}. Compressed weights support F.linear (and "
+        f"x @ W / addmm / F.embedding where the kind allows), .t(), row / column slices and split (tensor "
+        f"parallelism), .to(device / dtype), detach / clone, copy_ from a compressed weight of the same structure "
+        f"and empty_like (model.to_empty); for anything else use weight.dequantize() (the dense W_base + delta) or "
         f"model.dequantize(). To quantize the base under the deltas use deltacome_ao.optimum.quantize_base_(model, "
         f"config), not torchao's quantize_ on the compressed model."
     )

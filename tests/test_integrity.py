@@ -341,7 +341,7 @@ def test_torchao_quantize_on_a_compressed_model_says_what_to_do(pair):
     from torchao.quantization import Int8WeightOnlyConfig
 
     _, ft = pair
-    with pytest.raises(NotImplementedError, match=r"does not support aten\.view.*quantize_base_") as info:
+    with pytest.raises(NotImplementedError, match=r"does not support aten\.\w+.*quantize_base_") as info:
         quantize_(copy.deepcopy(ft), Int8WeightOnlyConfig())
     assert len(str(info.value)) < 1000
 
