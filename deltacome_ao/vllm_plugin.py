@@ -36,6 +36,7 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from vllm.model_executor.utils import set_weight_attrs
 
 from .factors import low_rank_term
+from .hf import GUARD_TEXT
 from .format import FORMAT_VERSION, SEP, DeltaFormatError, check_spec
 from .tensor_parallel import LayerShards
 
@@ -119,6 +120,19 @@ def _load_inner(layer: torch.nn.Module, inner: str, param: Parameter, loaded_wei
     layer.deltacome_shards.add(inner, loaded_shard_id, loaded_weight, device=layer.weight.device)
 
 
+def _load_weight(loader, param: Parameter, loaded_weight: torch.Tensor, *args) -> None:
+    """vLLM's loader of the dense `weight`, except for the checkpoint's guard tensor (docs/integrity.md):
+    `save_pretrained` stores it under one compressed layer's `<module>.weight` so that a loader that does
+    not know the format fails; here it is checked and dropped (its layer's base arrives as
+    `weight:base_weight`)."""
+    if loaded_weight.dtype == torch.uint8 and loaded_weight.dim() == 1:
+        if bytes(loaded_weight.tolist()) != GUARD_TEXT.encode():
+            raise DeltaFormatError("a 1-D uint8 tensor stored under a compressed layer's `.weight` is not the "
+                                   "deltacome guard tensor: the checkpoint is corrupt")
+        return
+    loader(param, loaded_weight, *args)
+
+
 class DeltaCoMeLinearMethod(LinearMethodBase):
     """A vLLM linear layer (maybe fused) whose matrices are stored compressed (module docstring)."""
 
@@ -133,7 +147,8 @@ class DeltaCoMeLinearMethod(LinearMethodBase):
                              getattr(layer, "tp_rank", 0), getattr(layer, "tp_size", 1), params_dtype)
         weight = Parameter(torch.empty(sum(output_partition_sizes), input_size_per_partition, dtype=params_dtype),
                            requires_grad=False)
-        set_weight_attrs(weight, {"input_dim": 1, "output_dim": 0, "weight_loader": weight_loader})
+        set_weight_attrs(weight, {"input_dim": 1, "output_dim": 0,
+                                  "weight_loader": functools.partial(_load_weight, weight_loader)})
         set_weight_attrs(weight, extra_weight_attrs)
         layer.register_parameter("weight", weight)
         layer.deltacome_shards = shards
