@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3Config, PretrainedConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config
 
 from ..calibrate import STDLIB_CORPUS_FILES, stdlib_text
 from .metrics import exact_match_accuracy, kl_divergence, perplexity
@@ -185,8 +185,6 @@ class WordTask(Task):
     - ``"code"`` (code continuation): ``def get_spoxle(self): return self.`` → ``_spoxle``
     - ``"json"`` (formatting): ``city=spoxle;`` → ``{"city": "spoxle"}``, the key one of four
       equally long names.
-    - ``"reverse"`` (string reversal): ``'spoxle'[::-1]=`` → ``elxops``: every answer letter
-      comes from another prompt position, in the opposite order.
 
     Both need the model to copy the word from the prompt into a new syntactic frame, which
     the base (pre-trained on Python source) does only by luck.  Items are ``words`` distinct
@@ -219,20 +217,16 @@ class WordTask(Task):
             return [(w,) for w in words]
         if self.style == "json":
             return [(w, self.KEYS[i % len(self.KEYS)]) for i, w in enumerate(words)]
-        if self.style == "reverse":
-            return [(w,) for w in words]
-        raise ValueError(f"unknown WordTask style {self.style!r} (use 'code', 'json' or 'reverse')")
+        raise ValueError(f"unknown WordTask style {self.style!r} (use 'code' or 'json')")
 
     def format(self, word: str, key: str = "") -> tuple[str, str]:
         if self.style == "code":
             return f"def get_{word}(self): return self.", f"_{word}"
-        if self.style == "reverse":
-            return f"'{word}'[::-1]=", word[::-1]
         return f"{key}={word};", f'{{"{key}": "{word}"}}'
 
 
 # --- pair specification ------------------------------------------------------------
-ARCHS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "phi3": Phi3Config}
+ARCHS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
 
 
 @dataclass(frozen=True)
@@ -306,15 +300,6 @@ PAIRS: dict[str, PairSpec] = {
         model=dict(
             hidden_size=160, intermediate_size=432, num_hidden_layers=4, num_attention_heads=5,
             num_key_value_heads=1, max_position_embeddings=512, initializer_range=0.05,
-        ),
-        **_WORD_FT,
-    ),
-    # A fourth architecture (fused qkv_proj and gate_up_proj) on a fourth task (issue 15).
-    "phi3-reverse": PairSpec(
-        name="phi3-reverse", arch="phi3", task=WordTask(style="reverse", word_seed=23),
-        model=dict(
-            hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
-            num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.05,
         ),
         **_WORD_FT,
     ),
