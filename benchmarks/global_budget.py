@@ -2,7 +2,7 @@
 
     python benchmarks/global_budget.py                      # 3 zoo pairs x 4 alphas x 7 variants (~35 min, 2 cores)
     python benchmarks/global_budget.py --pairs llama-arith  # one pair (results merged into the JSON)
-    python benchmarks/global_budget.py --plot               # only redraw docs/img/global-budget-*.png from the JSON
+    python benchmarks/global_budget.py --plot               # only print the table, redraw docs/img/global-budget-*.png
     python benchmarks/global_budget.py --quick              # check the script: llama-arith, 1/16, 3 variants, 16 problems
 
 Variants (method "deltacome", group size 128, same layers for all):
@@ -143,6 +143,22 @@ def plot(rows, img_dir: Path) -> list[Path]:
     return written
 
 
+def table(rows) -> str:
+    """Markdown: one line per pair and alpha; per variant accuracy (share of the fine-tune's) and KL."""
+    variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
+    head = "| pair | alpha | " + " | ".join(variants) + " |"
+    lines = [head, "|---|---|" + "---:|" * len(variants)]
+    cells = {(r["pair"], r["alpha"], r["variant"]): r for r in rows}
+    for pair in sorted({r["pair"] for r in rows}, key=lambda p: (p not in ZOO, p)):
+        for alpha in ALPHAS:
+            got = [cells.get((pair, alpha, v)) for v in variants]
+            if not any(got):
+                continue
+            lines.append(f"| {pair} | {alpha} | " + " | ".join(
+                "—" if r is None else f"{r['accuracy']:.1%} ({r['kept']:.0%}), {r['kl']:.4f}" for r in got) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pairs", nargs="+", default=list(ZOO), choices=sorted(PAIRS))
@@ -160,6 +176,7 @@ def main(argv=None) -> None:
     img = quick_dir / "img" if args.quick else IMG
     old = json.loads(out.read_text()) if out.exists() else {"rows": []}
     if args.plot:
+        print(table(old["rows"]))
         print("\n".join(str(p) for p in plot(old["rows"], img)))
         return
     if args.quick:
@@ -172,6 +189,7 @@ def main(argv=None) -> None:
     command = " ".join(["python benchmarks/global_budget.py", *argv])
     write_text_atomic(out, json.dumps({"command": command, "rows": merged}, indent=1))
     print(f"wrote {out}")
+    print(table(merged))
     print("\n".join(str(p) for p in plot(merged, img)))
 
 

@@ -216,8 +216,9 @@ class DeltaCoMeConfig(AOBaseConfig):
     def _check_calibration(self) -> None:
         samples = self.calibration
         if isinstance(samples, str) and samples not in SELF_SOURCES:
-            raise ValueError(f"calibration={samples!r}: use 'self' (samples of the fine-tuned model), 'base', a "
-                             f"SelfCalibration(...), or input_ids tensors")
+            raise ValueError(f"calibration must be None or an iterable of input_ids tensors, or 'self' / 'base' "
+                             f"(sequences sampled from the fine-tuned / base model) or a SelfCalibration(...); "
+                             f"got {samples!r}")
         if as_self_calibration(samples) is not None:  # "self" / "base": the SelfCalibration they mean
             self.calibration = as_self_calibration(samples)
             return

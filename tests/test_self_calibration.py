@@ -76,7 +76,7 @@ def test_bad_input_is_refused():
     ]:
         with pytest.raises(ValueError, match=match):
             SelfCalibration(**kwargs)
-    with pytest.raises(ValueError, match="calibration='selfie': use 'self'"):
+    with pytest.raises(ValueError, match="or 'self' / 'base' .* got 'selfie'"):
         DeltaCoMeConfig(base=base, calibration="selfie")
     for method in ("bitdelta",):
         with pytest.raises(ValueError, match="calibration \\(GPTQ\\) applies to methods that quantize singular vectors"):
