@@ -29,6 +29,7 @@ __all__ = [
     "max_candidate_vectors",
     "error_table",
     "optimal_allocation",
+    "global_allocation",
     "bands_from_widths",
 ]
 
@@ -127,7 +128,7 @@ def max_candidate_vectors(out_features: int, in_features: int, alpha: float, can
     return min(min(out_features, in_features), budget_bits(out_features, in_features, alpha) // min(costs))
 
 
-def error_table(u_rows, v_rows, candidates, quantize_fn, hessian=None, quantize_v_fn=None):
+def error_table(u_rows, v_rows, candidates, quantize_fn, hessian=None, quantize_v_fn=None, out_weight=None):
     """Measured quantization error of every rank-1 term `u_i v_iᵀ` at every candidate width.
 
     `u_rows` (r, out) and `v_rows` (r, in) are the two singular vectors of each term (any norm);
@@ -137,15 +138,21 @@ def error_table(u_rows, v_rows, candidates, quantize_fn, hessian=None, quantize_
     With `hessian` H (in, in), errors are measured in the layer's output space:
     ‖X(ûv̂ᵀ - uvᵀ)ᵀ‖² = ‖û‖² v̂ᵀHv̂ - 2(ûᵀu)(v̂ᵀHv) + ‖u‖² vᵀHv, otherwise in Frobenius norm (H = I).
 
+    With `out_weight` d (out,), the outputs are weighted too (‖D^½ X(...)ᵀ‖², D = diag(d): a K-FAC
+    style proxy of the loss when d is the diagonal Fisher of the outputs): every ‖û‖², ûᵀu, ‖u‖²
+    becomes ûᵀDû, ûᵀDu, uᵀDu.
+
     Returns (`rel` (r, C) float64: error / energy of the term, 1 for a 0-bit candidate; `energy`
-    (r,) float64: ‖u‖² vᵀHv, the squared size of the term). Pass `s · sqrt(energy)` as `sigma`
+    (r,) float64: (uᵀDu) vᵀHv, the squared size of the term). Pass `s · sqrt(energy)` as `sigma`
     to `optimal_allocation` to weight each term by its real contribution.
     """
     u = u_rows.double()
     v = v_rows.double()
     r = u.shape[0]
     hv = v if hessian is None else v @ hessian.double()
-    uu = (u * u).sum(1)
+    d = None if out_weight is None else torch.as_tensor(out_weight).to(device=u.device, dtype=torch.float64)
+    du = u if d is None else u * d
+    uu = (u * du).sum(1)
     vhv = (v * hv).sum(1)
     energy = uu * vhv
     safe = torch.where(energy > 0, energy, torch.ones_like(energy))
@@ -156,7 +163,8 @@ def error_table(u_rows, v_rows, candidates, quantize_fn, hessian=None, quantize_
         uq = quantize_fn(u_rows, bits).double()
         vq = (quantize_v_fn or quantize_fn)(v_rows, bits).double()
         hvq = vq if hessian is None else vq @ hessian.double()
-        err = (uq * uq).sum(1) * (vq * hvq).sum(1) - 2 * (uq * u).sum(1) * (vq * hv).sum(1) + energy
+        duq = uq if d is None else uq * d
+        err = (uq * duq).sum(1) * (vq * hvq).sum(1) - 2 * (uq * du).sum(1) * (vq * hv).sum(1) + energy
         rel[:, c] = torch.where(energy > 0, err.clamp_min(0) / safe, torch.zeros_like(err))
     return rel, energy
 
@@ -225,6 +233,183 @@ def optimal_allocation(sigma, err_table, costs, budget_bits: int):
         left -= float(dc[i, c])
         choice[i] = c
     return order[choice]
+
+
+def global_allocation(dists, costs, budget_bits: float, caps=None):
+    """One allocation over many matrices under one byte budget (`allocation="global"`).
+
+    dists: per matrix m an (r_m, C) tensor, the absolute error of its vector i at candidate c, already
+        weighted (σ², the layer's sensitivity) so that errors of different matrices add up;
+    costs: per matrix the (C,) stored bits of one vector at each candidate (they differ by shape; the
+        same candidate order for all, cheapest first after sorting);
+    budget_bits: Σ over all matrices and vectors of the chosen costs must not exceed it;
+    caps: per matrix the most bits it may spend (None: no cap).
+
+    Minimises Σ_m Σ_i dists[m][i, c_mi]. Lagrangian relaxation, as `optimal_allocation` but with one
+    multiplier λ for all matrices: every vector takes argmin dist + λ_m·cost with λ_m = max(λ, λ_cap,m),
+    λ_cap,m the smallest multiplier that keeps matrix m within its cap; a bisection on λ meets the
+    budget; a greedy pass then spends what is left on the best error reduction per bit (within the
+    budget and the caps). Returns (choices: list of long (r_m,) candidate indices, info: {"spent",
+    "objective", "lower_bound"} — the Lagrangian dual bound, so objective − lower_bound bounds how far
+    from the exact optimum the answer can be).
+    """
+    m_count = len(dists)
+    if len(costs) != m_count or (caps is not None and len(caps) != m_count):
+        raise ValueError("dists, costs and caps need one entry per matrix")
+    if m_count == 0:
+        return [], {"spent": 0.0, "objective": 0.0, "lower_bound": 0.0}
+    cost_rows = [torch.as_tensor(list(c), dtype=torch.float64) for c in costs]
+    n_cand = cost_rows[0].numel()
+    order = torch.argsort(cost_rows[0], stable=True)
+    tables = []
+    for m, (d, c) in enumerate(zip(dists, cost_rows)):
+        d = torch.as_tensor(d).double().cpu()
+        if c.numel() != n_cand or d.dim() != 2 or d.shape[1] != n_cand:
+            raise ValueError(f"matrix {m}: dists {tuple(d.shape)} and costs {tuple(c.shape)} disagree on the candidates")
+        if bool((torch.diff(c[order]) < 0).any()):
+            raise ValueError(f"matrix {m}: candidate costs {c.tolist()} are not in the same order as the first matrix's")
+        tables.append(d[:, order])
+    cost_rows = [c[order] for c in cost_rows]
+    sizes = [t.shape[0] for t in tables]
+    owner = torch.repeat_interleave(torch.arange(m_count), torch.tensor(sizes, dtype=torch.long))
+    D = torch.cat(tables) if sum(sizes) else torch.zeros(0, n_cand, dtype=torch.float64)
+    K = torch.stack(cost_rows)[owner]  # (R, C) bits of each candidate of each row
+    R = D.shape[0]
+    cap = torch.full((m_count,), math.inf, dtype=torch.float64) if caps is None else \
+        torch.tensor([math.inf if c is None else float(c) for c in caps], dtype=torch.float64)
+    floor_spend = torch.zeros(m_count, dtype=torch.float64).index_add_(0, owner, K[:, 0])
+    if bool((floor_spend > cap).any()) or float(floor_spend.sum()) > budget_bits:
+        raise ValueError("even the cheapest candidate for every vector exceeds the budget or a cap; include 0 (drop) "
+                         "among the candidates")
+    rows = torch.arange(R)
+    gaps = torch.diff(torch.unique(K)) if R else torch.ones(1, dtype=torch.float64)
+    gaps = gaps[gaps > 0]
+    # Above `top` every vector takes its cheapest candidate.
+    top = (float((D.max() - D.min()) / gaps.min()) * 2 if R and gaps.numel() else 1.0) + 1e-300
+
+    def pick(lam_rows):
+        return torch.argmin(D + lam_rows[:, None] * K, dim=1)
+
+    def spend_by_matrix(choice):
+        return torch.zeros(m_count, dtype=torch.float64).index_add_(0, owner, K[rows, choice])
+
+    def bisect(fits, lo, hi):
+        """Smallest multiplier in [lo, hi] (log scale) for which `fits` holds (it holds at hi)."""
+        if fits(lo):
+            return lo
+        lo = max(lo, hi * 1e-40)
+        if fits(lo):
+            return lo
+        for _ in range(80):
+            mid = (lo * hi) ** 0.5
+            if fits(mid):
+                hi = mid
+            else:
+                lo = mid
+        return hi
+
+    # λ_cap of each matrix: the smallest multiplier keeping it within its cap (0 when uncapped).
+    lam_cap = torch.zeros(m_count, dtype=torch.float64)
+    for m in range(m_count):
+        if math.isinf(float(cap[m])) or sizes[m] == 0:
+            continue
+        sel = owner == m
+        Dm, Km = D[sel], K[sel]
+        rm = torch.arange(Dm.shape[0])
+
+        def fits_cap(lam, Dm=Dm, Km=Km, rm=rm, m=m):
+            return float(Km[rm, torch.argmin(Dm + lam * Km, dim=1)].sum()) <= float(cap[m])
+
+        lam_cap[m] = bisect(fits_cap, 0.0, top)
+
+    def lam_rows(lam):
+        return torch.clamp(lam_cap, min=lam)[owner]
+
+    def fits_budget(lam):
+        return float(K[rows, pick(lam_rows(lam))].sum()) <= budget_bits
+
+    lam = bisect(fits_budget, 0.0, top)
+    choice = pick(lam_rows(lam))
+    # Greedy fix-up within the budget and the caps.
+    spent_m = spend_by_matrix(choice)
+    left = budget_bits - float(spent_m.sum())
+    for _ in range(R * n_cand):
+        dc = K - K[rows, choice][:, None]
+        gain = D[rows, choice][:, None] - D
+        room = torch.clamp(cap - spent_m, max=left)[owner][:, None]
+        ok = (dc > 0) & (dc <= room) & (gain > 0)
+        if not bool(ok.any()):
+            break
+        ratio = torch.where(ok, gain / dc.clamp_min(1e-300), torch.full_like(gain, -1.0))
+        i, c = divmod(int(torch.argmax(ratio)), n_cand)
+        left -= float(dc[i, c])
+        spent_m[owner[i]] += dc[i, c]
+        choice[i] = c
+    # Exchange pass: one vector gives bits back so that another can take a better width (what a single
+    # multiplier cannot see when the budget is a few vectors wide). Each step strictly lowers the objective.
+    for _ in range(R):
+        cur_cost, cur_err = K[rows, choice], D[rows, choice]
+        dc = K - cur_cost[:, None]
+        delta_err = D - cur_err[:, None]
+        room = (cap - spent_m)[owner][:, None]
+        up = (dc > left) & (dc <= room) & (delta_err < 0)  # upgrades the leftover alone cannot pay for
+        down = (dc < 0) & torch.isfinite(delta_err)
+        if not bool(up.any()) or not bool(down.any()):
+            break
+        d_rows, d_cols = down.nonzero(as_tuple=True)
+        freed, loss = -dc[d_rows, d_cols], delta_err[d_rows, d_cols]
+        srt = torch.argsort(freed)
+        freed, loss, d_rows, d_cols = freed[srt], loss[srt], d_rows[srt], d_cols[srt]
+        # suffix minimum of the loss over downgrades freeing at least a given amount
+        rev = torch.flip(loss, [0])
+        run_min, run_arg = torch.cummin(rev, 0)
+        suf_min = torch.flip(run_min, [0])
+        suf_arg = (loss.numel() - 1) - torch.flip(run_arg, [0])
+        u_rows, u_cols = up.nonzero(as_tuple=True)
+        need = dc[u_rows, u_cols] - left
+        pos = torch.searchsorted(freed, need)
+        ok = pos < freed.numel()
+        if not bool(ok.any()):
+            break
+        u_rows, u_cols, pos = u_rows[ok], u_cols[ok], pos[ok]
+        net = delta_err[u_rows, u_cols] + suf_min[pos]  # < 0: the pair lowers the objective
+        moved = False
+        for k in torch.argsort(net).tolist():
+            if float(net[k]) >= 0:
+                break
+            j, cj = int(u_rows[k]), int(u_cols[k])
+            i_idx = int(suf_arg[pos[k]])
+            i, ci = int(d_rows[i_idx]), int(d_cols[i_idx])
+            if i == j:
+                continue
+            left -= float(dc[j, cj]) + float(dc[i, ci])
+            spent_m[owner[j]] += dc[j, cj]
+            spent_m[owner[i]] += dc[i, ci]
+            choice[j], choice[i] = cj, ci
+            moved = True
+            break
+        if not moved:
+            break
+        # what the exchange freed may now pay for plain upgrades
+        while True:
+            dc = K - K[rows, choice][:, None]
+            gain = D[rows, choice][:, None] - D
+            room = torch.clamp(cap - spent_m, max=left)[owner][:, None]
+            ok = (dc > 0) & (dc <= room) & (gain > 0)
+            if not bool(ok.any()):
+                break
+            ratio = torch.where(ok, gain / dc.clamp_min(1e-300), torch.full_like(gain, -1.0))
+            i, c = divmod(int(torch.argmax(ratio)), n_cand)
+            left -= float(dc[i, c])
+            spent_m[owner[i]] += dc[i, c]
+            choice[i] = c
+    lam_final = lam_rows(lam)
+    dual = float((D + lam_final[:, None] * K).min(dim=1).values.sum()) - lam * budget_bits
+    finite = ~torch.isinf(cap)
+    dual -= float(((torch.clamp(lam_cap, min=lam) - lam)[finite] * cap[finite]).sum())
+    info = {"spent": float(K[rows, choice].sum()), "objective": float(D[rows, choice].sum()), "lower_bound": dual}
+    chosen = order[choice]
+    return list(chosen.split(sizes)), info
 
 
 def bands_from_widths(widths):

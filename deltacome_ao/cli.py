@@ -296,11 +296,22 @@ def main():
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--alpha", type=float, default=1 / 16, show_default="0.0625", help="delta bytes / fp16 bytes of each matrix")
 @click.option("--method", type=MethodName(), default="deltacome", show_default=True)
-@click.option("--allocation", type=click.Choice(["paper", "optimal"]), default="paper", show_default=True,
-              help="paper: 8/3/2-bit schedule; optimal: per-vector widths minimising the measured error")
+@click.option("--allocation", type=click.Choice(["paper", "optimal", "global"]), default="paper", show_default=True,
+              help="paper: 8/3/2-bit schedule; optimal: per-vector widths minimising the measured error; global: "
+                   "one budget (alpha of all matrices together) spent where the model's error drops most")
+@click.option("--global-cap", type=float, default=4.0, show_default=True,
+              help="with --allocation global: the most one matrix may spend, as a multiple of its own alpha budget")
+@click.option("--global-sensitivity", type=click.Choice(["weight", "output", "fisher"]),
+              help="with --allocation global: the error proxy (default: fisher with calibration, else weight)")
 @click.option("--group-size", type=int, default=128, show_default=True, help="values per scale and zero-point (>= 2)")
 @click.option("--calib", type=click.IntRange(min=0), default=0, show_default=True,
-              help="GPTQ calibration on N random windows of --calib-file (0: data-free RTN)")
+              help="GPTQ calibration on N sequences: random windows of --calib-file, or with --calib-source "
+                   "self / base N sequences sampled from the fine-tuned / base model (0: data-free RTN)")
+@click.option("--calib-source", type=click.Choice(["file", "self", "base"]), default="file", show_default=True,
+              help="file: windows of --calib-file; self / base: no user data, sequences sampled from the "
+                   "fine-tuned / base model itself (--calib-len tokens, --seed)")
+@click.option("--target-correction", is_flag=True,
+              help="with calibration: quantize U toward the target that corrects V's error (DeltaMix)")
 @click.option("--calib-file", type=_file,
               help="text file for --calib, encoded with the model's tokenizer (or bytes); default: the zoo's "
                    "pre-training corpus (Python standard-library source)")
@@ -321,7 +332,8 @@ def compress(base, finetuned, out, **opts):
     if base.resolve() == finetuned.resolve():
         raise click.UsageError("BASE and FINETUNED are the same directory: there is no delta to store")
     opts["method_options"] = _parse_method_options(opts["method_options"])
-    _check_options(**{k: opts[k] for k in ("alpha", "method", "allocation", "group_size", "method_options")})
+    _check_options(**{k: opts[k] for k in ("alpha", "method", "allocation", "group_size", "method_options",
+                                           "global_cap")})
     with _quiet_transformers(opts["quiet"]):
         if opts["stream"]:
             _compress_streaming(base, finetuned, out, opts)
@@ -347,6 +359,14 @@ def _config_fields(opts: dict) -> dict:
     fields = {k: opts[k] for k in ("alpha", "method", "allocation", "group_size")}
     if opts["method_options"]:
         fields["method_options"] = opts["method_options"]
+    if opts["allocation"] == "global":
+        fields["global_cap"] = opts["global_cap"]
+        if opts["global_sensitivity"] is not None:
+            fields["global_sensitivity"] = opts["global_sensitivity"]
+    elif opts["global_sensitivity"] is not None or opts["global_cap"] != 4.0:
+        raise click.UsageError("--global-cap and --global-sensitivity apply only with --allocation global")
+    if opts["target_correction"]:
+        fields["target_correction"] = True
     return fields
 
 
@@ -357,6 +377,9 @@ def _compress_streaming(base: Path, finetuned: Path, out: Path, opts: dict):
 
     if opts["calib"] or opts["calib_file"] is not None:
         raise click.UsageError("--stream is data-free: --calib needs the whole model (drop --stream)")
+    if opts["allocation"] == "global":
+        raise click.UsageError("--stream compresses one tensor pair at a time: --allocation global plans over the "
+                               "whole model first (drop --stream, or use --allocation optimal)")
     if opts["dtype"] != "auto":
         raise click.UsageError("--stream reads the tensors in their saved dtype: drop --dtype")
     # into a staging directory first: a zero delta must not replace (or become) OUT
@@ -380,9 +403,17 @@ def _compress(base: Path, finetuned: Path, out: Path, opts: dict):
     from .config import DeltaCoMeConfig
     from .fingerprint import same
 
-    calib, calib_file, quiet = opts["calib"], opts["calib_file"], opts["quiet"]
+    calib, calib_file, quiet, calib_source = opts["calib"], opts["calib_file"], opts["quiet"], opts["calib_source"]
     if calib_file is not None and not calib:
         raise click.UsageError("--calib-file is used only with --calib N (N > 0)")
+    if calib_source != "file" and not calib:
+        raise click.UsageError(f"--calib-source {calib_source} needs --calib N (N > 0 sampled sequences)")
+    if calib_source != "file" and calib_file is not None:
+        raise click.UsageError(f"--calib-source {calib_source} samples from the model: drop --calib-file")
+    if opts["target_correction"] and not calib:
+        raise click.UsageError("--target-correction needs calibration (--calib N)")
+    if opts["global_sensitivity"] in ("output", "fisher") and not calib:
+        raise click.UsageError(f"--global-sensitivity {opts['global_sensitivity']} needs calibration (--calib N)")
     if not quiet:
         click.echo(f"loading {base} and {finetuned}", err=True)
     base_model = _load(base, opts["dtype"])
@@ -392,7 +423,13 @@ def _compress(base: Path, finetuned: Path, out: Path, opts: dict):
         raise click.ClickException(f"{finetuned} holds exactly the weights of {base}: there is no delta to store")
     calibration = None
     source = None
-    if calib:
+    if calib and calib_source != "file":  # no user data: sampled from the model itself when it is compressed
+        from .self_calibration import SelfCalibration
+
+        calibration = SelfCalibration(samples=calib, length=opts["calib_len"], seed=opts["seed"],
+                                      source="finetuned" if calib_source == "self" else "base")
+        source = f"sampled from the {'fine-tuned' if calib_source == 'self' else 'base'} model"
+    elif calib:
         if calib_file is None:  # the zoo's own corpus: Python source from the standard library
             from .calibrate import stdlib_text
 

@@ -27,20 +27,23 @@ parameter's full name for a stack of experts (`format.layer_key`).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
 from tqdm.auto import tqdm
 
+from .budget import plan_global
 from .calibrate import calibrated_weights
 from .checkpoint import BaseWeights, check_pair, unaliased
 from .delta_tensor import DeltaTensor
-from .format import layer_key
+from .format import calibration_record, layer_key
 from .methods.mixed_precision import BudgetTooSmallError
 from .recipes import recipe_for
+from .self_calibration import as_self_calibration, self_calibration_samples
 
-__all__ = ["compress_", "plan_compression", "select_layers", "walk_modules", "compressed_layers", "delta_report",
+__all__ = ["compress_", "plan_compression", "resolve_calibration", "select_layers", "walk_modules", "compressed_layers", "delta_report",
            "Layer", "matmul_layers", "compress_layer", "coverage_report", "uncompressed_reason", "coverage_summary",
            "on_compressed", "notify_compressed", "REASONS", "skipped_by_selection", "swap_in", "record_skipped",
            "config_fields", "is_conv1d"]
@@ -224,8 +227,20 @@ def compress_layer(layer: Layer, finetuned: torch.Tensor, base: torch.Tensor, co
     return config.compress(finetuned, base, name, hessian=hessian)
 
 
+def resolve_calibration(root: torch.nn.Module, config: Any) -> Any:
+    """`config`, or a copy whose `calibration` holds the sequences a "self" / "base" / `SelfCalibration`
+    calibration samples from `root` (the fine-tuned model) or from the base weights."""
+    spec = as_self_calibration(getattr(config, "calibration", None))
+    if spec is None:
+        return config
+    samples = self_calibration_samples(root, spec, config.base)
+    resolved = copy.copy(config)
+    object.__setattr__(resolved, "calibration", samples)
+    return resolved
+
+
 def plan_compression(root: torch.nn.Module, config: Any, targets: Iterable, device: Any = None,
-                     skipped: Optional[dict] = None) -> dict[int, dict[str, DeltaTensor]]:
+                     skipped: Optional[dict] = None, plan: Optional[dict] = None) -> dict[int, dict[str, DeltaTensor]]:
     """Compress every target of `root` without touching it -> {id(module): {param: compressed weight}}.
 
     `targets`: `Layer`s (or (name, module) pairs of single-weight modules), e.g. from `select_layers`.
@@ -233,6 +248,8 @@ def plan_compression(root: torch.nn.Module, config: Any, targets: Iterable, devi
     `skipped`: filled with {state-dict key: reason} of targets left dense — a matrix too small for one
     singular vector at this alpha (when others are not: if every target is, the error is raised), or
     stacked experts of a method that cannot stack them.
+    `plan`: with allocation "global", filled with {"plan": `budget.GlobalPlan`} (the model-level plan,
+    made first over every target). A "self" calibration is sampled from `root` first.
     Raises `CheckpointMismatchError` (base and fine-tune differ in architecture) or ValueError.
     """
     targets = [_as_layer(t) for t in targets]
@@ -259,6 +276,12 @@ def plan_compression(root: torch.nn.Module, config: Any, targets: Iterable, devi
             skipped[layer.key] = "unstackable"
         return None
 
+    config = resolve_calibration(root, config)
+    if config.allocation == "global":
+        config, made = plan_global(root, targets, config, device, calibration=config.calibration,
+                                   sensitivity=config.global_sensitivity, cap=config.global_cap)
+        if plan is not None:
+            plan["plan"] = made
     if config.calibration is not None:
         weights = calibrated_weights(root, targets, config, compress_or_skip)
     else:
@@ -313,11 +336,14 @@ def compress_(model: torch.nn.Module, config: Any, filter_fn: Optional[Callable]
     """
     targets = select_layers(model, config, filter_fn)
     skipped = skipped_by_selection(model, config, filter_fn, targets)
-    weights = plan_compression(model, config, targets, device, skipped)
+    plan: dict = {}
+    weights = plan_compression(model, config, targets, device, skipped, plan)
     if device is not None:
         model.to(device)
     swap_in(model, weights)
     record_skipped(model, skipped)
+    if plan:
+        object.__setattr__(model, "deltacome_plan", plan["plan"])  # the global allocation's plan, for reports
     notify_compressed(model, config_fields(config))
     return model
 
@@ -344,8 +370,12 @@ def record_skipped(model: torch.nn.Module, skipped: Mapping[str, str]) -> None:
 def config_fields(config: Any) -> dict:
     if config is None:
         return {}
-    return {"method": config.method, "alpha": config.alpha, "group_size": config.group_size,
-            "allocation": config.allocation, "calibrated": config.calibration is not None}
+    fields = {"method": config.method, "alpha": config.alpha, "group_size": config.group_size,
+              "allocation": config.allocation, "calibrated": config.calibration is not None}
+    record = calibration_record(getattr(config, "calibration", None))
+    if record is not None:
+        fields["calibration"] = record
+    return fields
 
 
 def compressed_layers(model: torch.nn.Module) -> dict[str, DeltaTensor]:

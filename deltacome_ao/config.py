@@ -37,10 +37,12 @@ from .compress import (
 )
 from .delta_tensor import DeltaTensor
 from .methods import ALLOCATIONS, get_method, method_names
+from .budget import SENSITIVITIES
 from .recipes import Recipe
+from .self_calibration import SELF_SOURCES, SelfCalibration, as_self_calibration
 from .torchao_walk import current_walk
 
-__all__ = ["DeltaCoMeConfig", "deltacome_config", "SVD_METHODS", "ALLOCATIONS",
+__all__ = ["DeltaCoMeConfig", "deltacome_config", "SVD_METHODS", "ALLOCATIONS", "SelfCalibration",
            "BaseWeights", "delta_report", "compressed_layers"]  # the last three: 0.1 import paths
 
 SVD_METHODS = ("auto", "exact", "randomized")
@@ -71,10 +73,24 @@ class DeltaCoMeConfig(AOBaseConfig):
         exact by default, as in the paper).
     allocation: "paper" (the 8/3/2-bit schedule) or "optimal" (each singular vector's width from
         `candidates`, 0 = dropped, minimising the measured error within `alpha`); method "deltacome".
-    calibration: None (data-free RTN) or an iterable of `input_ids` tensors (or dicts of model
-        inputs): the factors are then quantized with GPTQ, layer by layer (see `calibrate.py`), with
+        "global": `alpha` is the model-level ratio (all compressed matrices together), and the widths
+        are chosen over all matrices at once to minimise one proxy of the output error (`budget.py`:
+        weight-space error data-free; with calibration, each layer's output error weighted by the
+        Fisher of its outputs); a matrix spends at most `global_cap` × its own alpha budget.
+    calibration: None (data-free RTN), an iterable of `input_ids` tensors (or dicts of model
+        inputs), or "self" / "base" / a `SelfCalibration(...)`: sequences sampled from the fine-tuned
+        (or base) model itself when it is compressed — no user data (`self_calibration.py`). The
+        factors are then quantized with GPTQ, layer by layer (see `calibrate.py`), with
         `damp` (fraction of the Hessian's mean diagonal), `act_order` and, if `target_correction`,
         Û quantized toward the target that best reproduces the layer's delta outputs.
+    whiten: with calibration, decompose each delta in its layer's output metric (the SVD of ΔW L,
+        H = L Lᵀ the layer's input Hessian; `methods.mixed_precision.whitened_svd`): the kept singular
+        vectors are those that move the outputs most. Without calibration it changes nothing.
+    global_cap: with allocation "global", the most one matrix may spend, as a multiple (>= 1) of
+        alpha × its fp16 size (it may also get nothing).
+    global_sensitivity: with allocation "global", the proxy: "weight" (weight-space error, data-free),
+        "output" (each layer's output error, calibration Hessians) or "fisher" (output error weighted by
+        the Fisher of the layer's outputs); None: "fisher" with calibration, else "weight".
     method_options: the method's own settings ({name: JSON value}; the names it declared at
         registration, the others keep their defaults); recorded in the artifact.
 
@@ -98,6 +114,9 @@ class DeltaCoMeConfig(AOBaseConfig):
     target_correction: bool = False
     method_options: Mapping[str, Any] = field(default_factory=dict)
     embeddings: bool = False
+    global_cap: float = 4.0
+    global_sensitivity: Optional[str] = None
+    whiten: bool = False
 
     def __post_init__(self):
         if self.base is None:
@@ -144,7 +163,7 @@ class DeltaCoMeConfig(AOBaseConfig):
                 raise ValueError("bands: give at least one (bits, count) pair, or bands=None for the budget's schedule")
         if self.recipe is not None and not isinstance(self.recipe, Recipe):
             raise ValueError(f"recipe must be a deltacome_ao.recipes.Recipe or None, got {type(self.recipe).__name__}")
-        for flag in ("progress", "act_order", "target_correction"):
+        for flag in ("progress", "act_order", "target_correction", "whiten"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if not isinstance(self.allocation, str) or self.allocation not in ALLOCATIONS:
@@ -157,7 +176,19 @@ class DeltaCoMeConfig(AOBaseConfig):
             raise ValueError(f"allocation={self.allocation!r} needs a method that chooses widths itself "
                              f"(one of {[m for m in method_names() if self.allocation in get_method(m).allocations]}), "
                              f"not {self.method!r}")
-        if self.allocation == "optimal":
+        if self.allocation == "global":
+            if self.bands is not None:
+                raise ValueError("bands= fixes every layer's bands; allocation='global' chooses them (drop one)")
+            if not _is_number(self.global_cap) or self.global_cap < 1:
+                raise ValueError(f"global_cap must be a number >= 1 (a matrix's cap as a multiple of its alpha budget), "
+                                 f"got {self.global_cap!r}")
+            if self.global_sensitivity not in (None, *SENSITIVITIES):
+                raise ValueError(f"unknown global_sensitivity {self.global_sensitivity!r}; choose from {SENSITIVITIES} "
+                                 f"or None")
+            if self.global_sensitivity in ("output", "fisher") and self.calibration is None:
+                raise ValueError(f"global_sensitivity={self.global_sensitivity!r} needs calibration (e.g. "
+                                 f"calibration='self')")
+        if self.allocation in ("optimal", "global"):
             if not any(self.candidates) or any(b != 0 and b not in SUPPORTED_BITS for b in self.candidates):
                 raise ValueError(f"candidates {tuple(self.candidates)}: use 0 (dropped) and widths from {SUPPORTED_BITS}")
         if self.calibration is not None and not method.calibrated:
@@ -184,6 +215,13 @@ class DeltaCoMeConfig(AOBaseConfig):
 
     def _check_calibration(self) -> None:
         samples = self.calibration
+        if isinstance(samples, str) and samples not in SELF_SOURCES:
+            raise ValueError(f"calibration must be None or an iterable of input_ids tensors, or 'self' / 'base' "
+                             f"(sequences sampled from the fine-tuned / base model) or a SelfCalibration(...); "
+                             f"got {samples!r}")
+        if as_self_calibration(samples) is not None:  # "self" / "base": the SelfCalibration they mean
+            self.calibration = as_self_calibration(samples)
+            return
         if isinstance(samples, torch.Tensor):
             if samples.dim() != 2 or samples.dtype not in (torch.int32, torch.int64):
                 raise ValueError(f"calibration: a tensor must be batch x seq integer input_ids, got a "

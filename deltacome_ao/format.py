@@ -16,6 +16,7 @@ tensor with its record. Version 1 (no digests) is still read, with an `Integrity
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -34,7 +35,7 @@ from .methods import tensor_kind
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "CONFIG_NAME", "WEIGHTS_NAME", "SEP", "DOCUMENT_DIGEST",
     "DeltaFormatError", "weight_key", "layer_key", "spec_key", "tensor_class", "check_spec", "layer_spec", "inner_layout", "shell", "assemble",
-    "stored_names", "flatten_state_dict", "read_delta_config", "verify_artifact", "method_fields", "model_config",
+    "stored_names", "flatten_state_dict", "read_delta_config", "verify_artifact", "method_fields", "calibration_record", "model_config",
     "CONFIG_NOISE", "dtype_name", "parse_dtype", "TensorFile", "tensor_record", "check_tensor", "check_records",
     "document_digest", "document_text", "IntegrityWarning",
 ]
@@ -168,7 +169,32 @@ def method_fields(config: Any) -> dict:
     }
     if getattr(config, "method_options", None):  # only methods with settings of their own
         out["method_options"] = dict(config.method_options)
+    calibration = calibration_record(getattr(config, "calibration", None))
+    if calibration is not None:  # only calibrated deltas (older artifacts have no such field)
+        out["calibration"] = calibration
+    if config.allocation == "global":  # the model-level plan's settings
+        out["global_allocation"] = {"cap": float(getattr(config, "global_cap", 4.0)),
+                                    "sensitivity": getattr(config, "global_sensitivity", None)
+                                    or ("fisher" if config.calibration is not None else "weight")}
     return out
+
+
+def calibration_record(calibration: Any) -> Optional[dict]:
+    """What an artifact records of `DeltaCoMeConfig.calibration`: None (data-free), {"source": "data"}
+    (the user's sequences), or {"source": "self" | "base", samples, length, temperature, seed, ...}
+    (sampled from the fine-tuned / base model, `self_calibration.SelfCalibration`)."""
+    if calibration is None:
+        return None
+    if isinstance(calibration, str):
+        calibration = {"self": {"source": "finetuned"}, "base": {"source": "base"}}.get(calibration, {"source": calibration})
+        calibration = dict(calibration)
+    elif dataclasses.is_dataclass(calibration) and not isinstance(calibration, type):
+        calibration = {k: (list(map(list, v)) if k == "prompts" and v is not None else v)
+                       for k, v in dataclasses.asdict(calibration).items()}
+    else:
+        return {"source": "data"}
+    calibration["source"] = "self" if calibration.get("source") == "finetuned" else calibration.get("source")
+    return calibration
 
 
 def model_config(config: Any) -> Optional[dict]:
@@ -394,6 +420,9 @@ def check_document(document: Any, where: Any, verify: str = "full") -> dict:
     _check_field(document, "model_config", lambda v: v is None or isinstance(v, dict), "an object or null", where)
     _check_field(document, "user", lambda v: v is None or isinstance(v, dict), "an object or null", where)
     _check_field(document, "method_options", lambda v: isinstance(v, dict), "an object", where)
+    _check_field(document, "calibration", lambda v: isinstance(v, dict) and isinstance(v.get("source"), str),
+                 "an object with a 'source'", where)
+    _check_field(document, "global_allocation", lambda v: isinstance(v, dict), "an object", where)
     for field in ("base_model_name_or_path", "base_revision"):
         _check_field(document, field, lambda v: v is None or isinstance(v, str), "a string or null", where)
     _check_field(document, "bytes", lambda v: isinstance(v, dict) and all(

@@ -99,10 +99,12 @@ class DeltaCoMeHfConfig(QuantizationConfigMixin):
     modules: {module name: layer structure} (`DeltaTensor.spec()`) for every compressed layer.
     digests / guard: per-tensor sha256 and the guard tensor's name (docs/integrity.md).
     how: how it was compressed, when known (`format.method_fields`: method, alpha, group_size,
-        allocation, calibrated, method_options); any other field is ignored with a warning.
+        allocation, calibrated, method_options, calibration, global_allocation); any other field is ignored with a warning.
     """
 
-    HOW = ("method", "alpha", "group_size", "allocation", "calibrated", "method_options")
+    HOW = ("method", "alpha", "group_size", "allocation", "calibrated", "method_options", "calibration",
+           "global_allocation")
+    OPTIONAL = ("method_options", "calibration", "global_allocation")  # written only when set
 
     def __init__(self, modules: Optional[dict] = None, format_version: int = FORMAT_VERSION,
                  library_version: Optional[str] = None, digests: Optional[dict] = None, guard: Optional[str] = None,
@@ -154,8 +156,8 @@ class DeltaCoMeHfConfig(QuantizationConfigMixin):
             "quant_method": self.quant_method,
             "format_version": self.format_version,
             "library_version": self.library_version,
-            **{name: getattr(self, name) for name in self.HOW if name != "method_options"},
-            **({"method_options": dict(self.method_options)} if self.method_options else {}),
+            **{name: getattr(self, name) for name in self.HOW if name not in self.OPTIONAL},
+            **{name: getattr(self, name) for name in self.OPTIONAL if getattr(self, name)},
             "modules": {name: dict(spec) for name, spec in self.modules.items()},
             "guard": self.guard,
             "digests": None if self.digests is None else dict(self.digests),
@@ -467,7 +469,7 @@ def _attach(model: torch.nn.Module, fields: dict) -> None:
     if not isinstance(model, PreTrainedModel) or not compressed_layers(model):
         return
     config = DeltaCoMeHfConfig.from_model(model)
-    for key in ("method", "alpha", "group_size", "allocation", "calibrated"):
+    for key in ("method", "alpha", "group_size", "allocation", "calibrated", "calibration", "global_allocation"):
         if fields.get(key) is not None:
             setattr(config, key, fields[key])
     quantizer = DeltaCoMeHfQuantizer(config, pre_quantized=True)

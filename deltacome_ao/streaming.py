@@ -222,6 +222,9 @@ def compress_streaming(
     """
     if options.get("calibration") is not None:
         raise ValueError("compress_streaming is data-free: calibration (GPTQ) needs the whole model; use quantize_")
+    if options.get("allocation") == "global":
+        raise ValueError("compress_streaming compresses one tensor pair at a time, but allocation='global' plans one "
+                         "budget over every matrix first; use compress_ (or allocation='optimal' here)")
     start = time.perf_counter()
     out = Path(out_dir)
     if out.exists() and not overwrite:

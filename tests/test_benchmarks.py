@@ -142,6 +142,16 @@ def check_target_correction(tmp, stdout):
     assert finite(*rows[0]["accuracy"], *rows[0]["kl"]) and all(0 <= a <= 1 for a in rows[0]["accuracy"])
 
 
+def check_global_budget(tmp, stdout):
+    rows = load(tmp, "global-budget.json")["rows"]
+    assert [(r["pair"], r["alpha"], r["variant"]) for r in rows] == [
+        ("llama-arith", "1/16", v) for v in ("paper", "global", "global+self")]
+    assert all(finite(r["accuracy"], r["kl"], r["ratio"]) and 0 <= r["accuracy"] <= 1 for r in rows)
+    assert all(r["ratio"] <= 1 / 16 for r in rows)  # the model-level budget, every stored byte counted
+    assert rows[1]["plan"]["objective"] <= rows[1]["plan"]["per_matrix_objective"]
+    assert (tmp / OUT / "img" / "global-budget-accuracy.png").stat().st_size > 0
+
+
 def check_architectures(tmp, stdout):
     doc = load(tmp, "architectures.json")
     rows = {r["arch"]: r for r in doc["rows"]}
@@ -187,6 +197,7 @@ CASES = {
     "lm_eval_check": ("lm_eval_check.py", ["--quick"], {}, check_lm_eval_check),
     # pure arithmetic, ~1 s: no separate quick mode, only the output moved
     "fuzz_artifact": ("fuzz_artifact.py", ["--quick"], {}, check_fuzz_artifact),
+    "global_budget": ("global_budget.py", ["--quick"], {}, check_global_budget),
     "lora_export": ("lora_export.py", ["--smoke"], {}, check_lora_export),
     "lora_import": ("lora_import.py", ["--smoke"], {}, check_lora_import),
     "memory_table": ("memory_table.py", ["--out", "{tmp}/" + OUT + "/memory-table.json"], {}, check_memory_table),

@@ -276,7 +276,7 @@ def test_registration_is_checked():
         register_method("base_class", DeltaTensor, compress_toy)
     with pytest.raises(TypeError, match="compress must be callable"):
         register_method("not_callable", ToyLowRankTensor, 42)
-    with pytest.raises(ValueError, match=r"allocations must be a non-empty tuple from \('paper', 'optimal'\)"):
+    with pytest.raises(ValueError, match=r"allocations must be a non-empty tuple from \('paper', 'optimal', 'global'\)"):
         register_method("one_string", ToyLowRankTensor, compress_toy, allocations="optimal")
     with pytest.raises(TypeError, match="calibrated must be True or False"):
         register_method("truthy", ToyLowRankTensor, compress_toy, calibrated="no")

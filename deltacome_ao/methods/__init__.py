@@ -33,7 +33,9 @@ from typing import Any, Callable, Mapping, Optional
 __all__ = ["Method", "register_method", "unregister_method", "register_kind", "get_method", "method_names",
            "tensor_kinds", "tensor_kind", "ALLOCATIONS", "MethodFileWarning"]
 
-ALLOCATIONS = ("paper", "optimal")  # how a method may spend the budget (DeltaCoMeConfig.allocation)
+# how a method may spend the budget (DeltaCoMeConfig.allocation): the paper's schedule, the error-optimal
+# widths of each matrix, or one error-optimal allocation over the whole model (alpha then model-wide)
+ALLOCATIONS = ("paper", "optimal", "global")
 
 
 class MethodFileWarning(UserWarning):

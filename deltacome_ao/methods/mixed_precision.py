@@ -9,8 +9,9 @@ The methods "deltacome" (Delta-CoMe's 8/3/2-bit schedule, or the optimal per-vec
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+import copy
+from dataclasses import dataclass, replace
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -37,7 +38,8 @@ from ..ops import delta_linear, delta_only_linear
 from ..quantize import dequantize_rows, quantize_rows
 from ..slicing import slice_factors
 
-__all__ = ["MixedPrecisionDeltaTensor", "BudgetTooSmallError", "SVDDeltaOptions", "compress_factors", "svd_options"]
+__all__ = ["MixedPrecisionDeltaTensor", "BudgetTooSmallError", "SVDDeltaOptions", "compress_factors", "svd_options",
+           "normalized_svd", "whitened_svd", "vector_errors", "with_planned_widths", "planned_widths"]
 
 aten = torch.ops.aten
 
@@ -61,7 +63,12 @@ class SVDDeltaOptions:
     svd: "auto" | "exact" | "randomized" (`decompose.delta_svd`).
     quantizer: `(rows, bits, group_size) -> QuantizedRows`, the data-free quantizer (RTN).
     allocation: "paper" (the schedule) or "optimal" (per-vector widths from `candidates`, 0 =
-        dropped, minimising the measured σ²-weighted error within alpha; DeltaMix §3).
+        dropped, minimising the measured σ²-weighted error within alpha; DeltaMix §3); "global"
+        needs `widths` (planned over the whole model, `budget.py`).
+    whiten: with a Hessian, decompose the delta in the layer's output metric (`whitened_svd`).
+    widths: explicit per-vector widths in singular-value order (0 = dropped) for the top
+        len(widths) singular vectors (the SVD is taken at that rank), overriding schedule, bands
+        and alpha; what a model-level plan (`allocation="global"`) chose for this matrix.
     damp, act_order: GPTQ settings (used with a Hessian).
     target_correction: quantize Û toward the least-squares target given the quantized V̂ (DeltaMix).
     """
@@ -77,6 +84,8 @@ class SVDDeltaOptions:
     damp: float = 0.01
     act_order: bool = True
     target_correction: bool = False
+    widths: Optional[Sequence[int]] = None
+    whiten: bool = False
 
 
 def compress_factors(delta: Optional[torch.Tensor], options: SVDDeltaOptions, name: str = "weight",
@@ -93,12 +102,19 @@ def compress_factors(delta: Optional[torch.Tensor], options: SVDDeltaOptions, na
     else:
         out_features, in_features = delta.shape
     nonzero = bool(svd.S.numel()) if svd is not None else bool(torch.any(delta))
-    if o.allocation not in ("paper", "optimal"):
-        raise ValueError(f"unknown allocation {o.allocation!r}; use 'paper' or 'optimal'")
+    if o.allocation not in ("paper", "optimal", "global"):
+        raise ValueError(f"unknown allocation {o.allocation!r}; use 'paper', 'optimal' or 'global'")
+    if o.allocation == "global" and o.widths is None:
+        raise ValueError(f"{name}: allocation='global' spends one budget over the whole model (compress_ and "
+                         f"quantize_ plan it); for one matrix alone use 'optimal'")
     if hessian is not None and tuple(hessian.shape) != (in_features, in_features):
         raise ValueError(f"{name}: hessian has shape {tuple(hessian.shape)}, expected {(in_features, in_features)}")
-    optimal = o.bands is None and o.allocation == "optimal"
-    if optimal:
+    optimal = o.bands is None and o.allocation == "optimal" and o.widths is None
+    if o.widths is not None:
+        for b in set(int(w) for w in o.widths) - {0}:
+            vector_cost_bits(b, out_features, in_features, o.group_size)  # validates the width
+        max_rank = len(o.widths)
+    elif optimal:
         for b in o.candidates:
             if b != 0:
                 vector_cost_bits(b, out_features, in_features, o.group_size)  # validates the width
@@ -116,7 +132,8 @@ def compress_factors(delta: Optional[torch.Tensor], options: SVDDeltaOptions, na
             vector_cost_bits(b.bits, out_features, in_features, o.group_size)  # validates the width
         max_rank = sum(b.count for b in chosen)
     if svd is None:
-        svd_out = delta_svd(delta, rank=max_rank, method=o.svd)
+        svd_out = (whitened_svd(delta, hessian, max_rank, o.svd, o.damp) if o.whiten and hessian is not None
+                   else delta_svd(delta, rank=max_rank, method=o.svd))
     else:
         k = min(max_rank, svd.rank)
         svd_out = DeltaSVD(svd.U[:, :k], svd.S[:k], svd.Vh[:k])
@@ -125,7 +142,10 @@ def compress_factors(delta: Optional[torch.Tensor], options: SVDDeltaOptions, na
     u_max = u_rows.abs().amax(dim=1).clamp_min(1e-30) if s.numel() else s
     v_max = v_rows.abs().amax(dim=1).clamp_min(1e-30) if s.numel() else s
     u_rows, v_rows, s = u_rows / u_max[:, None], v_rows / v_max[:, None], s * u_max * v_max
-    if optimal:
+    if o.widths is not None:
+        perm, chosen = bands_from_widths(list(o.widths)[: s.numel()])
+        perm = perm.to(s.device)
+    elif optimal:
         chosen, perm = _optimal_bands(u_rows, s, v_rows, o, budget_bits(out_features, in_features, o.alpha), hessian)
     else:
         chosen = _truncate(chosen, svd_out.rank)
@@ -352,17 +372,103 @@ def svd_options(config) -> SVDDeltaOptions:
         alpha=config.alpha, schedule=_SCHEDULES[config.method](config), bands=config.bands,
         group_size=config.group_size, svd=config.svd, allocation=config.allocation,
         candidates=tuple(config.candidates), damp=config.damp, act_order=config.act_order,
-        target_correction=config.target_correction,
+        target_correction=config.target_correction, whiten=bool(getattr(config, "whiten", False)),
     )
 
 
 def _svd_compress(finetuned, base, config, *, name="weight", hessian=None):
-    return MixedPrecisionDeltaTensor.from_hp(finetuned, base, name=name, hessian=hessian,
-                                             **vars(svd_options(config)))
+    options = svd_options(config)
+    if config.allocation == "global":
+        options = replace(options, widths=planned_widths(config, name))
+    return MixedPrecisionDeltaTensor.from_hp(finetuned, base, name=name, hessian=hessian, **vars(options))
+
+
+# --- model-level plans (allocation="global", budget.py) ------------------------------------------------
+
+_PLANNED = "_deltacome_planned_widths"  # the attribute of a planned config copy holding {matrix: widths}
+
+
+def with_planned_widths(config, widths: Mapping[str, Sequence[int]]):
+    """A shallow copy of `config` that compresses each named matrix with its planned per-vector widths
+    (the config itself is left as it was: it holds no run state)."""
+    planned = copy.copy(config)
+    object.__setattr__(planned, _PLANNED, {k: tuple(int(b) for b in v) for k, v in widths.items()})
+    return planned
+
+
+def planned_widths(config, name: str) -> tuple[int, ...]:
+    """The widths a model-level plan chose for matrix `name` (ValueError without a plan for it)."""
+    plan = getattr(config, _PLANNED, None)
+    if plan is None or name not in plan:
+        raise ValueError(f"{name}: allocation='global' spends one budget over the whole model, so it is planned by "
+                         f"compress_ / quantize_ before any matrix is compressed; for one matrix "
+                         f"alone use allocation='optimal'")
+    return plan[name]
+
+
+def whitened_svd(delta: torch.Tensor, hessian: torch.Tensor, rank: int, method: str = "auto",
+                 damp: float = 0.01) -> DeltaSVD:
+    """The top-`rank` decomposition of `delta` that is optimal in the layer's output metric:
+    ‖X (ΔW − U diag(S) Vh)ᵀ‖ is smallest for the SVD of ΔW L (H = XᵀX/N + damping = L Lᵀ), mapped
+    back as Vh = Vh_L L⁻¹ (so the rows of Vh are no longer orthonormal). The kept vectors are the
+    directions that move the layer's outputs most, not the largest in weight space (as SVD-LLM /
+    ASVD do for weights)."""
+    H = hessian.detach().to(device=delta.device, dtype=torch.float64)
+    n = H.shape[0]
+    diag = torch.diagonal(H)
+    lam = damp * float(diag.clamp_min(0).mean()) or 1e-8
+    eye = torch.eye(n, dtype=H.dtype, device=H.device)
+    for _ in range(6):
+        L, info = torch.linalg.cholesky_ex(H + lam * eye)
+        if int(info) == 0:
+            break
+        lam *= 10
+    else:
+        return delta_svd(delta, rank=rank, method=method)
+    inner = delta_svd((delta.double() @ L).float(), rank=rank, method=method)
+    vh = torch.linalg.solve_triangular(L.T, inner.Vh.double().T, upper=True).T  # Vh_L L⁻¹
+    return DeltaSVD(inner.U, inner.S, vh.float().contiguous())
+
+
+def normalized_svd(delta: torch.Tensor, rank: int, method: str = "auto", hessian: Optional[torch.Tensor] = None,
+                   damp: float = 0.01):
+    """(u_rows (r, out), s (r,), v_rows (r, in)) of the top-`rank` SVD of `delta` (with `hessian`: the
+    `whitened_svd`), each singular vector scaled to max |x| = 1 (the factor moved into s), as
+    `compress_factors` quantizes them."""
+    svd_out = delta_svd(delta, rank=rank, method=method) if hessian is None else \
+        whitened_svd(delta, hessian, rank, method, damp)
+    u_rows, s, v_rows = svd_out.U.T, svd_out.S, svd_out.Vh
+    if s.numel():
+        u_max = u_rows.abs().amax(dim=1).clamp_min(1e-30)
+        v_max = v_rows.abs().amax(dim=1).clamp_min(1e-30)
+        u_rows, v_rows, s = u_rows / u_max[:, None], v_rows / v_max[:, None], s * u_max * v_max
+    return u_rows, s, v_rows
+
+
+def vector_errors(u_rows, s, v_rows, o: SVDDeltaOptions, hessian=None, out_weight=None, gptq_v: bool = True):
+    """Absolute squared error (r, C) float64 of each singular triple at each of `o.candidates` (0 =
+    dropped: the whole term), as the optimal allocation measures it: in weight space, or in output
+    space with `hessian` (in, in) (V̂ then measured as GPTQ quantizes it when `gptq_v`), weighted over
+    the outputs by `out_weight` (out,) (e.g. the diagonal Fisher of the layer's outputs)."""
+    in_features = v_rows.shape[1]
+
+    def measure(rows, bits):
+        return dequantize_rows(o.quantizer(rows, bits, o.group_size), o.group_size)
+
+    H = measure_v = None
+    if hessian is not None:
+        H = hessian.detach().to(device=v_rows.device, dtype=torch.float64)
+        H = H + o.damp * torch.diagonal(H).mean().clamp_min(1e-30) * torch.eye(in_features, dtype=H.dtype, device=H.device)
+        if gptq_v:
+            def measure_v(rows, bits):
+                return gptq_input_groups(rows, hessian, bits, o.group_size, o.damp, o.act_order).dequantized
+    rel, energy = error_table(u_rows, v_rows, o.candidates, measure, H, measure_v, out_weight=out_weight)
+    return (s.double().cpu() ** 2 * energy.cpu())[:, None] * rel.cpu()
 
 
 register_method("deltacome", MixedPrecisionDeltaTensor, _svd_compress, calibrated=True,
-                allocations=("paper", "optimal"), description="Delta-CoMe: 8/3/2-bit singular vectors (or optimal widths)")
+                allocations=("paper", "optimal", "global"),
+                description="Delta-CoMe: 8/3/2-bit singular vectors (or optimal widths, per matrix or model-wide)")
 register_method("single", MixedPrecisionDeltaTensor, _svd_compress,
                 calibrated=True, description="every kept singular vector at single_bits")
 register_method("lowrank", MixedPrecisionDeltaTensor, _svd_compress,
