@@ -76,7 +76,9 @@ class DeltaCoMeConfig(AOBaseConfig):
         "global": `alpha` is the model-level ratio (all compressed matrices together), and the widths
         are chosen over all matrices at once to minimise one proxy of the output error (`budget.py`:
         weight-space error data-free; with calibration, each layer's output error weighted by the
-        Fisher of its outputs); a matrix spends at most `global_cap` × its own alpha budget.
+        Fisher of its outputs); a matrix spends at most `global_cap` × its own alpha budget. Use it
+        with calibration (`calibration="self"` needs no user data): data-free, its weight-space proxy
+        does not track the output error and can lose to "optimal" (docs/results.md, issue 15).
     calibration: None (data-free RTN), an iterable of `input_ids` tensors (or dicts of model
         inputs), or "self" / "base" / a `SelfCalibration(...)`: sequences sampled from the fine-tuned
         (or base) model itself when it is compressed — no user data (`self_calibration.py`). The
