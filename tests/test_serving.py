@@ -393,3 +393,27 @@ def test_embedding_subclass_with_own_arguments_is_served_per_row(tmp_path):
         for i, n in enumerate(rows):
             ref = (models[n] if n else base).generate(x[i:i + 1], attention_mask=torch.ones_like(x[i:i + 1]), **kw)
             assert torch.equal(gen[i], ref[0]), (i, n)
+
+
+def test_units_that_cannot_be_cut_by_rows_refuse_clearly(tmp_path):
+    """A module with parameters of its own served as a unit must be called with a batch-first tensor and
+    return one: gpt-oss's attention (sinks; called with keyword arguments, returns a tuple, takes the KV
+    cache) and Llama 4's MoE block (returns a tuple) raised TypeError / AttributeError at the first
+    forward. Now: UnsupportedDeltaError naming the module and the deltas; base rows still pass."""
+    from deltacome_ao.compress import compress_
+    from deltacome_ao.evaluation.architectures import Arch, _COMMON, inputs_for, tiny_base, tiny_finetune
+    from deltacome_ao.serving import UnsupportedDeltaError
+
+    arch = Arch("gpt_oss", "gpt_oss", dict(_COMMON, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                           layer_types=["sliding_attention", "full_attention"], sliding_window=8,
+                                           bos_token_id=1, eos_token_id=2, pad_token_id=0), moe=True)
+    base = tiny_base(arch)
+    model = tiny_finetune(base)
+    compress_(model, DeltaCoMeConfig(base=base, progress=False))
+    served = MultiDeltaModel(copy.deepcopy(base))
+    served.load_delta("ft", save_delta(model, tmp_path / "ft", base=base))
+    x = inputs_for(arch, base, batch=2)
+    with torch.no_grad():
+        with pytest.raises(UnsupportedDeltaError, match=r"GptOssAttention .*\['ft'\].*serve such a delta alone"):
+            served(**x, delta_ids=["ft", None])
+        torch.testing.assert_close(served(**x, delta_ids=[None, None]).logits, base(**x).logits, **TOL)

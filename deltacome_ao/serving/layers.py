@@ -286,8 +286,27 @@ class MultiDeltaModule(MultiDeltaLayer):
             dense[leaf] = value.detach().to(own[leaf].device, own[leaf].dtype)
         return DeltaEntry(name, dense=dense or None)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs):
-        return self._per_row(x, args, kwargs, None)
+    def forward(self, *args, **kwargs):
+        if not args or not isinstance(args[0], torch.Tensor):
+            # called with keyword arguments only (gpt-oss's attention, whose sinks a delta changes): the rows
+            # cannot be cut; fine while no routed row's delta changes this module
+            self._refuse_if_replaced(current_routing(), "is called without a batch-first tensor as its first "
+                                     "positional argument")
+            return self._inner(*args, **kwargs)
+        return self._per_row(args[0], args[1:], kwargs, None)
+
+    def _refuse_if_replaced(self, r, why: str) -> None:
+        """UnsupportedDeltaError naming the module and the deltas if a routed row's delta replaces its tensors."""
+        if r is None:
+            return
+        entries = self._snapshot(r)
+        names = sorted(entries[d].name for d in r.active() if entries[d].replacements())
+        if names:
+            raise UnsupportedDeltaError(
+                f"{type(self._inner).__name__} {why}, so the rows of delta(s) {names}, which change its parameters, "
+                f"cannot be served per row next to other rows; serve such a delta alone (load_delta / "
+                f"DeltaCoMeModel.from_pretrained)"
+            )
 
     def _per_row(self, x: torch.Tensor, args, kwargs, delta_ids):
         r = current_routing() if delta_ids is None else resolve_routing(delta_ids, x.shape[0])
@@ -300,12 +319,17 @@ class MultiDeltaModule(MultiDeltaLayer):
             x = x.expand(r.batch, *x.shape[1:])
         r = resolve_routing(r, x.shape[0]) if x.dim() > 1 and r is not None else None
         entries = self._snapshot(r)
+        if r is not None and any(_is_cache(v) for v in (*args, *kwargs.values())):
+            # a module that updates a KV cache (an attention unit) would update it once per delta group
+            self._refuse_if_replaced(r, "takes a KV cache")
         y = self._inner(x, *args, **kwargs)
         if r is None:
             return y
         groups = [(d, rows, entries[d].replacements()) for d, rows in r.groups_on(x.device)]
         if not any(params for _, _, params in groups):
             return y
+        if not isinstance(y, torch.Tensor):
+            self._refuse_if_replaced(r, f"returns a {type(y).__name__}, not one batch-first tensor")
         if y.dim() > 0 and y.shape[0] == 1 and r.batch > 1:
             # an output shared by every row (BioGPT's learned positions: (1, S) position ids next to a
             # (B, S) mask): one copy per row, then each delta's rows replaced
@@ -376,6 +400,11 @@ class MultiDeltaEmbedding(MultiDeltaModule):
 
     def extra_repr(self) -> str:
         return f"{type(self._inner).__name__}({self.num_embeddings}, {self.embedding_dim}), {self._deltas_repr()}"
+
+
+def _is_cache(value) -> bool:
+    """A transformers KV cache (duck-typed: `update` and `get_seq_length`)."""
+    return callable(getattr(value, "update", None)) and callable(getattr(value, "get_seq_length", None))
 
 
 def _batch_rows(value, rows: torch.Tensor, batch: int):
