@@ -36,7 +36,8 @@ __all__ = ["main", "encode_text", "text_windows"]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-_USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, KeyError, OSError)
+_USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, KeyError, OSError,
+                NotImplementedError)  # docs/integrity.md: what compressed weights or a format cannot do
 
 
 def _user_errors(fn):

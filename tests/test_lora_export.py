@@ -288,3 +288,7 @@ def test_stacked_experts_are_refused_clearly(tmp_path):
     with pytest.raises(NotImplementedError, match=r"stacked MoE experts \(model\.layers\.0\.mlp\.experts"):
         export_lora(base, delta, tmp_path / "lora")
     assert not (tmp_path / "lora").exists()
+    base.save_pretrained(tmp_path / "base")
+    r = CliRunner().invoke(main, ["export-lora", str(tmp_path / "base"), str(delta), str(tmp_path / "lora")])
+    assert r.exit_code == 1 and "\nError: " in "\n" + r.output and "stacked MoE experts" in r.output, r.output
+    assert "Traceback" not in r.output and not (tmp_path / "lora").exists()
