@@ -36,7 +36,8 @@ __all__ = ["main", "encode_text", "text_windows"]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-_USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, KeyError, OSError)
+_USER_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, ValueError, KeyError, OSError,
+                NotImplementedError)  # docs/integrity.md: what compressed weights or a format cannot do
 
 
 def _user_errors(fn):
@@ -756,7 +757,14 @@ def compress_lora_command(base, adapter, out, alpha, method, allocation, group_s
                            group_size=group_size, overwrite=overwrite)
     click.echo(_summary(read_delta_config(out), out))
     click.echo(f"adapter {adapter}: {report['adapter_file_bytes']:,} bytes ({', '.join(report['adapter_dtypes'])}) -> "
-               f"{report['artifact_bytes']:,} bytes on disk ({report['adapter_file_bytes'] / max(report['artifact_bytes'], 1):.1f}x smaller)")
+               f"{report['artifact_bytes']:,} bytes on disk ({_size_change(report['adapter_file_bytes'], report['artifact_bytes'])})")
+
+
+def _size_change(before: int, after: int) -> str:
+    """'8.5x smaller' / '2.7x larger' (a tiny adapter's artifact can be larger: its JSON is most of it)."""
+    if after <= before:
+        return f"{before / max(after, 1):.1f}x smaller"
+    return f"{after / max(before, 1):.1f}x larger"
 
 
 if __name__ == "__main__":

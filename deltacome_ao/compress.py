@@ -187,6 +187,13 @@ def select_layers(root: torch.nn.Module, config: Any, filter_fn: Optional[Callab
     recipe = config.recipe or recipe_for(model_type)
     candidates = matmul_layers(root, filter_fn, embeddings)
     targets = [layer for layer in candidates if recipe.selects(layer.name)]
+    if not candidates:
+        first = f"{visited[0][0]!r} ({type(visited[0][1]).__name__})" if visited else "none"
+        raise ValueError(
+            f"the filter selects no matmul weight (first module it selects: {first}); the walk does not "
+            f"descend into a module the filter selects (torchao's rule), so select the layers themselves, "
+            f"e.g. filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and 'mlp' in name"
+        )
     if not targets:
         first = visited[0][0] if visited else None
         raise ValueError(

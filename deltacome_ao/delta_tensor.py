@@ -412,6 +412,13 @@ def _(func, types, args, kwargs):
     x, w = args[0], args[1]
     if _is_matrix(w) and not isinstance(x, DeltaTensor):
         return w.rlinear(x)
+    mm = func in (torch.mm, torch.Tensor.mm)
+    if _is_matrix(x) and isinstance(w, torch.Tensor) and not isinstance(w, DeltaTensor) and (
+            w.dim() == 2 if mm else w.dim() >= 1):
+        # the weight on the left, `W @ X` (Jamba's dt_proj: weight @ time_step (B, in, S)): (Xᵀ Wᵀ)ᵀ
+        if w.dim() == 1:
+            return torch.nn.functional.linear(w, x)
+        return torch.nn.functional.linear(w.transpose(-2, -1), x).transpose(-2, -1)
     with torch._C.DisableTorchFunctionSubclass():
         return func(*args, **kwargs)
 

@@ -162,7 +162,11 @@ def apply_finetune_config(model: torch.nn.Module, stored: Optional[Mapping], whe
             f"structure; load the delta onto a base of the fine-tune's architecture"
         )
     config = copy.deepcopy(model.config)
-    _set_fields(config, stored, differ)
+    try:
+        _set_fields(config, stored, differ)
+    except Exception as e:  # a value the config class refuses (transformers' strict config fields)
+        raise ConfigMismatchError(f"{prefix}the fine-tune's config has a value the model's config refuses "
+                                  f"({few(differ)}): {type(e).__name__}: {e}") from None
     if set(differ) <= NEUTRAL:
         return lambda: setattr(model, "config", config) if hasattr(model, "config") else None
     try:

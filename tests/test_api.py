@@ -18,6 +18,7 @@ from torchao import quantize_
 from deltacome_ao import (
     BitDeltaTensor,
     DeltaCoMeConfig,
+    compress_,
     MixedPrecisionDeltaTensor,
     delta_report,
     deltacome_config,
@@ -438,3 +439,19 @@ def test_train_a_head_on_the_compressed_model(llama):
         assert model.get_submodule(n).weight is w, n
         for k, v in frozen[n].items():
             assert torch.equal(getattr(w, k), v), (n, k)
+
+
+def test_filter_selecting_parent_modules_says_to_select_the_layers(llama):
+    """A filter that matches `...mlp` (a parent module) selects no matmul weight (the walk does not
+    descend into a match): the error says that, not 'pass recipe='."""
+    base, ft = llama
+    model = copy.deepcopy(ft)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"the filter selects no matmul weight .*'model\.layers\.0\.mlp' \(LlamaMLP\)"):
+        compress_(model, DeltaCoMeConfig(base=base, progress=False), filter_fn=lambda m, name: "mlp" in name)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    model = copy.deepcopy(ft)
+    compress_(model, DeltaCoMeConfig(base=base, progress=False),
+              filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and "mlp" in name)
+    assert {n.rsplit(".", 1)[0] for n, p in model.named_parameters() if isinstance(p.data, MixedPrecisionDeltaTensor)} \
+        == {f"model.layers.{i}.mlp.{p}" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")}

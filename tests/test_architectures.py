@@ -104,6 +104,45 @@ def test_grouped_operator_equals_a_loop_over_experts():
     assert torch.equal(y[9:], torch.zeros(2, 64))
 
 
+def test_bmm_on_stacked_experts_equals_each_expert():
+    """torch.bmm(x (E, T, in), experts (E, in, out)) — Llama 4's experts forward — on a compressed stack
+    equals each expert's dense product (it raised NotImplementedError aten.bmm at the first forward)."""
+    base, ft = _experts(seed=2)
+    stack = MixedPrecisionDeltaTensor.stack(
+        [MixedPrecisionDeltaTensor.from_hp(ft[e], base[e], alpha=1 / 4, group_size=32) for e in range(4)])
+    in_out = stack.transpose(-2, -1)  # (E, in, out), as Llama 4 stores gate_up_proj / down_proj
+    dense = in_out.dequantize()
+    x = torch.randn(4, 5, 32)
+    torch.testing.assert_close(torch.bmm(x, in_out), torch.bmm(x, dense), rtol=1e-5, atol=1e-5)
+    with pytest.raises(NotImplementedError, match="bmm"):
+        torch.bmm(torch.randn(3, 5, 32), in_out)  # not one block per expert
+
+
+def test_llama4_text_experts_compress_and_run():
+    """Llama 4 (text): experts stored (E, in, out) and applied with torch.bmm are compressed and run."""
+    from deltacome_ao.evaluation.architectures import Arch, _COMMON
+
+    arch = Arch("llama4_text", "llama4_text", dict(_COMMON, head_dim=16, intermediate_size_mlp=128, num_local_experts=4,
+                                                   num_experts_per_tok=1, interleave_moe_layer_step=1,
+                                                   no_rope_layers=[1, 1], bos_token_id=1, eos_token_id=2,
+                                                   pad_token_id=0), moe=True)
+    base = tiny_base(arch)
+    ft = tiny_finetune(base)
+    model = compress_(copy.deepcopy(ft), DeltaCoMeConfig(base=base, progress=False))
+    assert isinstance(model.model.layers[0].feed_forward.experts.gate_up_proj, MixedPrecisionExpertsTensor)
+    x = inputs_for(arch, base)
+    dense = copy.deepcopy(model)
+    for module in dense.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if isinstance(p.data, MixedPrecisionExpertsTensor):
+                setattr(module, name, torch.nn.Parameter(p.data.dequantize(), requires_grad=False))
+    with torch.no_grad():
+        got, ref, before = model(**x).logits, dense(**x).logits, base(**x).logits
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        target = ft(**x).logits
+    assert (got - target).norm() < 0.5 * (before - target).norm()
+
+
 def _mixtral_pair():
     arch = ARCHITECTURES["mixtral"]
     base = tiny_base(arch)
@@ -314,3 +353,34 @@ def test_embeddings_option_on_tied_gemma(tmp_path):
         torch.testing.assert_close(out[0], got[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out[1], models[1](**x).logits[1], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out[2], base_l[2], rtol=1e-5, atol=1e-5)
+
+
+def test_weight_on_the_left_of_a_matmul():
+    """`W @ X` with a compressed W (Jamba's Mamba mixer: dt_proj.weight @ time_step (B, in, S)) raised
+    NotImplementedError aten.expand at the first forward; it equals the dense product now."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(48, 80, generator=g)
+    w = MixedPrecisionDeltaTensor.from_hp(base + 0.05 * torch.randn(48, 4, generator=g) @ torch.randn(4, 80, generator=g),
+                                          base, alpha=1 / 4, group_size=16)
+    dense = w.dequantize()
+    for shape in [(80, 7), (3, 80, 7), (80,), (2, 3, 80, 5)]:
+        x = torch.randn(*shape, generator=g)
+        torch.testing.assert_close(w @ x, dense @ x, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(torch.matmul(w, x), dense @ x, rtol=1e-5, atol=1e-4)
+
+
+def test_jamba_compresses_and_runs():
+    from deltacome_ao.evaluation.architectures import Arch, _COMMON
+
+    arch = Arch("jamba", "jamba", dict(_COMMON, num_experts=4, num_experts_per_tok=2, attn_layer_period=2,
+                                       attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+                                       mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, bos_token_id=1,
+                                       eos_token_id=2, pad_token_id=0), moe=True)
+    base = tiny_base(arch)
+    ft = tiny_finetune(base)
+    model = compress_(copy.deepcopy(ft), DeltaCoMeConfig(base=base, progress=False))
+    assert isinstance(model.model.layers[0].mamba.dt_proj.weight.data, MixedPrecisionDeltaTensor)
+    x = inputs_for(arch, base)
+    with torch.no_grad():
+        got, before, target = model(**x).logits, base(**x).logits, ft(**x).logits
+    assert (got - target).norm() < 0.5 * (before - target).norm()

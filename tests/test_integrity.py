@@ -664,3 +664,19 @@ def test_corrupt_base_directory_is_a_clear_error(pair, tmp_path):
     with pytest.raises(ValueError, match=r"model\.safetensors: not a readable safetensors file"):
         save_delta(ft, tmp_path / "delta", base=str(tmp_path / "base"))
     assert not (tmp_path / "delta").exists()
+
+
+def test_model_config_value_the_config_class_refuses_is_a_documented_error(pair, artifact):
+    """A self-consistent artifact whose model_config holds a value transformers' strict config refuses
+    (attention_dropout "") raises ConfigMismatchError naming the field, not huggingface_hub's
+    StrictDataclassFieldValidationError; the base stays untouched."""
+    from deltacome_ao.finetune_config import ConfigMismatchError
+
+    base, _ = pair
+    rewrite(artifact, lambda d: d["model_config"].__setitem__("attention_dropout", ""))
+    for verify in ("full", "none"):
+        target = copy.deepcopy(base)
+        before = state(target)
+        with pytest.raises(ConfigMismatchError, match=r"attention_dropout"):
+            load_delta(target, artifact, verify=verify)
+        assert_untouched(target, before)

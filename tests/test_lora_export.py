@@ -257,3 +257,38 @@ def test_cli_export_lora(llama, tmp_path):
     r = CliRunner().invoke(main, ["export-lora", str(tmp_path / "base"), str(delta), str(tmp_path / "x"), "--vllm",
                                   "--embeddings", "full"])
     assert r.exit_code == 1 and "modules_to_save" in r.output and "Traceback" not in r.output
+
+
+def test_gpt2_conv1d_and_tied_embeddings_export_exactly(tmp_path):
+    """GPT-2: Conv1D weights stored (in, out), biases changed, wte tied to lm_head. export_lora crashed
+    (a compressed weight saved under modules_to_save: 'invalid python storage'; then tied tables sharing
+    memory) and wrote lora_A / lora_B in the (in, out) orientation PEFT refuses. Now PEFT's logits are
+    the deltacome model's at full rank, the Conv1D biases as LoRA biases."""
+    from deltacome_ao.compress import compress_
+    from deltacome_ao.evaluation.architectures import ARCHITECTURES, inputs_for, tiny_base, tiny_finetune
+
+    arch = ARCHITECTURES["gpt2"]
+    base = tiny_base(arch)
+    ft = compress_(tiny_finetune(base), DeltaCoMeConfig(base=base, progress=False))
+    delta = save_delta(ft, tmp_path / "delta", base=base)
+    report = export_lora(base, delta, tmp_path / "lora", dtype="float32")
+    assert report["linear_rel_error"] < 1e-6 and report["not_represented"] == []
+    assert report["dense"]["transformer.h.0.attn.c_attn.bias"]["as"] == "lora_bias"
+    x = inputs_for(arch, base)["input_ids"]
+    assert_same_logits(peft_logits(base, tmp_path / "lora", x), logits(ft, x))
+
+
+def test_stacked_experts_are_refused_clearly(tmp_path):
+    from deltacome_ao.compress import compress_
+    from deltacome_ao.evaluation.architectures import ARCHITECTURES, tiny_base, tiny_finetune
+
+    base = tiny_base(ARCHITECTURES["mixtral"])
+    ft = compress_(tiny_finetune(base), DeltaCoMeConfig(base=base, progress=False))
+    delta = save_delta(ft, tmp_path / "delta", base=base)
+    with pytest.raises(NotImplementedError, match=r"stacked MoE experts \(model\.layers\.0\.mlp\.experts"):
+        export_lora(base, delta, tmp_path / "lora")
+    assert not (tmp_path / "lora").exists()
+    base.save_pretrained(tmp_path / "base")
+    r = CliRunner().invoke(main, ["export-lora", str(tmp_path / "base"), str(delta), str(tmp_path / "lora")])
+    assert r.exit_code == 1 and "\nError: " in "\n" + r.output and "stacked MoE experts" in r.output, r.output
+    assert "Traceback" not in r.output and not (tmp_path / "lora").exists()

@@ -195,3 +195,16 @@ def test_lora_train_writes_a_peft_adapter(tmp_path):
     adapter = read_adapter(tmp_path / "a")
     assert len(adapter.modules) == 4 * 7 + 1 and not adapter.saved  # lm_head's base weight not copied
     assert facts["recipe"]["steps"] == 2 and 0.0 <= facts["accuracy_200_heldout"] <= 1.0
+
+
+def test_cli_compress_lora_says_larger_when_the_artifact_is_larger(tmp_path):
+    """A rank-1 adapter on two modules: the artifact (JSON with a fingerprint of every base tensor) is
+    larger than the adapter file; the CLI says so instead of '0.Nx smaller'."""
+    base = tiny()
+    base.save_pretrained(tmp_path / "base")
+    make_adapter(base, tmp_path / "a", r=1, target_modules=["q_proj"], layers_to_transform=[0])
+    r = CliRunner().invoke(main, ["compress-lora", str(tmp_path / "base"), str(tmp_path / "a"), str(tmp_path / "d"),
+                                  "--group-size", "32"])
+    assert r.exit_code == 0, r.output
+    line = [ln for ln in r.output.splitlines() if ln.startswith("adapter ")][0]
+    assert "x larger)" in line and "smaller" not in line, line

@@ -354,3 +354,66 @@ def test_changed_norms_are_served_per_row(setup, tmp_path):
     served.unload_delta("norms")
     with torch.no_grad():
         torch.testing.assert_close(served(x, delta_ids=[None] * 4).logits, base(x).logits, **TOL)
+
+
+def test_embedding_subclass_with_own_arguments_is_served_per_row(tmp_path):
+    """BioGPT's learned positions: forward(attention_mask, past_key_values_length, position_ids=(1, S)).
+    The extra arguments reach the module's own forward (the int is not taken for a routing), batch-first
+    ones are cut to each delta's rows and a shared (1, S) output is given to every row."""
+    import warnings
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from deltacome_ao.compress import compress_
+    from deltacome_ao.evaluation.architectures import tiny_finetune
+
+    config = AutoConfig.for_model("biogpt", vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=128, max_position_embeddings=64,
+                                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = AutoModelForCausalLM.from_config(config).eval()
+    models = {}
+    served = MultiDeltaModel(copy.deepcopy(base))
+    for name, seed in (("a", 1), ("b", 2)):
+        model = tiny_finetune(base, seed=seed)  # every parameter moved, the learned positions included
+        compress_(model, DeltaCoMeConfig(base=base, progress=False))
+        models[name] = model.eval()
+        served.load_delta(name, save_delta(model, tmp_path / name, base=base))
+    assert type(served.multi_modules()["biogpt.embed_positions"]).__name__ == "MultiDeltaEmbedding"
+    rows = ["a", None, "b", "a"]
+    x = ids(seed=7, batch=len(rows), length=9)
+    with torch.no_grad():
+        out = served(x, delta_ids=rows).logits
+        for i, n in enumerate(rows):
+            torch.testing.assert_close(out[i], (models[n] if n else base)(x[i:i + 1]).logits[0], **TOL)
+        kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+        gen = served.generate(x, delta_ids=rows, attention_mask=torch.ones_like(x), **kw)
+        for i, n in enumerate(rows):
+            ref = (models[n] if n else base).generate(x[i:i + 1], attention_mask=torch.ones_like(x[i:i + 1]), **kw)
+            assert torch.equal(gen[i], ref[0]), (i, n)
+
+
+def test_units_that_cannot_be_cut_by_rows_refuse_clearly(tmp_path):
+    """A module with parameters of its own served as a unit must be called with a batch-first tensor and
+    return one: gpt-oss's attention (sinks; called with keyword arguments, returns a tuple, takes the KV
+    cache) and Llama 4's MoE block (returns a tuple) raised TypeError / AttributeError at the first
+    forward. Now: UnsupportedDeltaError naming the module and the deltas; base rows still pass."""
+    from deltacome_ao.compress import compress_
+    from deltacome_ao.evaluation.architectures import Arch, _COMMON, inputs_for, tiny_base, tiny_finetune
+    from deltacome_ao.serving import UnsupportedDeltaError
+
+    arch = Arch("gpt_oss", "gpt_oss", dict(_COMMON, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                           layer_types=["sliding_attention", "full_attention"], sliding_window=8,
+                                           bos_token_id=1, eos_token_id=2, pad_token_id=0), moe=True)
+    base = tiny_base(arch)
+    model = tiny_finetune(base)
+    compress_(model, DeltaCoMeConfig(base=base, progress=False))
+    served = MultiDeltaModel(copy.deepcopy(base))
+    served.load_delta("ft", save_delta(model, tmp_path / "ft", base=base))
+    x = inputs_for(arch, base, batch=2)
+    with torch.no_grad():
+        with pytest.raises(UnsupportedDeltaError, match=r"GptOssAttention .*\['ft'\].*serve such a delta alone"):
+            served(**x, delta_ids=["ft", None])
+        torch.testing.assert_close(served(**x, delta_ids=[None, None]).logits, base(**x).logits, **TOL)

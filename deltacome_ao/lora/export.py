@@ -35,10 +35,10 @@ import torch
 from safetensors.torch import save_file
 
 from ..artifact import DeltaCoMeModel, get_tensor, load_delta, read_delta_config
-from ..checkpoint import write_dir_atomic
-from ..compress import compressed_layers
+from ..checkpoint import few, write_dir_atomic
+from ..compress import compressed_layers, is_conv1d
 from ..decompose import delta_svd, product_svd
-from ..delta_tensor import dtype_name
+from ..delta_tensor import DeltaTensor, dtype_name
 from ..hub import base_reference, card_text, looks_like_repo_id, resolve_delta_dir
 from ..restore import forget, replaced_tensors
 from .peft_format import (
@@ -197,9 +197,10 @@ def _classify(model: torch.nn.Module, name: str, compressed: set[str]) -> str:
     owner = model.get_submodule(owner_name) if owner_name else model
     if isinstance(owner, torch.nn.Embedding) and leaf == "weight":
         return "embedding"
-    if isinstance(owner, torch.nn.Linear) and leaf == "weight" and owner_name not in compressed:
+    linear = isinstance(owner, torch.nn.Linear) or is_conv1d(owner)  # transformers' Conv1D (GPT-2) too
+    if linear and leaf == "weight" and owner_name not in compressed:
         return "linear"
-    if isinstance(owner, torch.nn.Linear) and leaf == "bias":
+    if linear and leaf == "bias":
         return "bias"
     return "other"
 
@@ -294,6 +295,15 @@ def export_lora(
 
     with torch.no_grad():
         layers = compressed_layers(model)
+        stacked = sorted(n for n, w in layers.items() if w.dim() != 2)
+        if stacked:
+            raise NotImplementedError(
+                f"{delta_path}: stacked MoE experts ({few(stacked)}) cannot be exported as a LoRA adapter (PEFT / vLLM "
+                f"LoRA targets are 2-D linear modules); serve this delta with deltacome_ao (load_delta / MultiDeltaModel) "
+                f"or the vLLM plugin (a model.save_pretrained directory)")
+        # transformers' Conv1D (GPT-2) stores its weight (in, out): PEFT's lora_A / lora_B are those of the
+        # (out, in) orientation, as for nn.Linear
+        layers = {n: (w.t() if is_conv1d(model.get_submodule(n)) else w) for n, w in layers.items()}
         whiteners = {}
         if calibration is not None:
             dense_linears = [n.rpartition(".")[0] for n in document.get("kept", [])
@@ -408,7 +418,10 @@ def export_lora(
         for owner in sorted(to_save):
             sub = model.get_submodule(owner)
             for k, v in sub.state_dict().items():
-                tensors[f"{PREFIX}{owner}.{k}"] = v.detach().contiguous()
+                if isinstance(v, DeltaTensor):  # a module saved whole that holds a compressed weight: its dense value
+                    v = v.dequantize().to(v.dtype)
+                # a copy: tied modules saved whole (GPT-2's wte and lm_head) must not share memory in the file
+                tensors[f"{PREFIX}{owner}.{k}"] = v.detach().clone().contiguous()
 
     # the base's name: given > the base's own Hub id > what the delta records > the base's path
     base_name, base_rev = base_reference(base, base_model_name_or_path, base_revision)

@@ -270,6 +270,19 @@ def _grouped(func, types, args, kwargs):
     return w.grouped_matmul(x, offs)
 
 
+@implements([aten.bmm.default])
+def _(func, types, args, kwargs):
+    """`torch.bmm(x, experts)` (Llama 4's experts: x (E, T, in) against the (E, in, out) stack): the
+    same grouped call, every expert's T rows in one block."""
+    x, w = args[0], args[1]
+    if isinstance(x, DeltaTensor) or x.dim() != 3 or x.shape[0] != w.num_experts:
+        raise NotImplementedError(f"{type(w).__name__}: only torch.bmm(x (E, T, in), experts) is supported")
+    experts, tokens, _ = x.shape
+    offs = torch.arange(1, experts + 1, device=x.device, dtype=torch.int32) * tokens
+    y = w.grouped_matmul(x.reshape(experts * tokens, x.shape[-1]), offs)
+    return y.reshape(experts, tokens, y.shape[-1])
+
+
 _GROUPED = [f for f in (getattr(torch.nn.functional, "grouped_mm", None), getattr(torch, "_grouped_mm", None)) if f]
 if _GROUPED:
     implements_torch_function(_GROUPED)(_grouped)

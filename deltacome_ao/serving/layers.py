@@ -16,6 +16,7 @@ as one consistent snapshot, `add_delta` / `remove` / `delta_ids` / `delta_nbytes
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import threading
 from dataclasses import dataclass
@@ -285,8 +286,27 @@ class MultiDeltaModule(MultiDeltaLayer):
             dense[leaf] = value.detach().to(own[leaf].device, own[leaf].dtype)
         return DeltaEntry(name, dense=dense or None)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs):
-        return self._per_row(x, args, kwargs, None)
+    def forward(self, *args, **kwargs):
+        if not args or not isinstance(args[0], torch.Tensor):
+            # called with keyword arguments only (gpt-oss's attention, whose sinks a delta changes): the rows
+            # cannot be cut; fine while no routed row's delta changes this module
+            self._refuse_if_replaced(current_routing(), "is called without a batch-first tensor as its first "
+                                     "positional argument")
+            return self._inner(*args, **kwargs)
+        return self._per_row(args[0], args[1:], kwargs, None)
+
+    def _refuse_if_replaced(self, r, why: str) -> None:
+        """UnsupportedDeltaError naming the module and the deltas if a routed row's delta replaces its tensors."""
+        if r is None:
+            return
+        entries = self._snapshot(r)
+        names = sorted(entries[d].name for d in r.active() if entries[d].replacements())
+        if names:
+            raise UnsupportedDeltaError(
+                f"{type(self._inner).__name__} {why}, so the rows of delta(s) {names}, which change its parameters, "
+                f"cannot be served per row next to other rows; serve such a delta alone (load_delta / "
+                f"DeltaCoMeModel.from_pretrained)"
+            )
 
     def _per_row(self, x: torch.Tensor, args, kwargs, delta_ids):
         r = current_routing() if delta_ids is None else resolve_routing(delta_ids, x.shape[0])
@@ -299,13 +319,31 @@ class MultiDeltaModule(MultiDeltaLayer):
             x = x.expand(r.batch, *x.shape[1:])
         r = resolve_routing(r, x.shape[0]) if x.dim() > 1 and r is not None else None
         entries = self._snapshot(r)
+        if r is not None and any(_is_cache(v) for v in (*args, *kwargs.values())):
+            # a module that updates a KV cache (an attention unit) would update it once per delta group
+            self._refuse_if_replaced(r, "takes a KV cache")
         y = self._inner(x, *args, **kwargs)
         if r is None:
             return y
-        for d, rows in r.groups_on(x.device):
-            params = entries[d].replacements()
+        groups = [(d, rows, entries[d].replacements()) for d, rows in r.groups_on(x.device)]
+        if not any(params for _, _, params in groups):
+            return y
+        if not isinstance(y, torch.Tensor):
+            self._refuse_if_replaced(r, f"returns a {type(y).__name__}, not one batch-first tensor")
+        if y.dim() > 0 and y.shape[0] == 1 and r.batch > 1:
+            # an output shared by every row (BioGPT's learned positions: (1, S) position ids next to a
+            # (B, S) mask): one copy per row, then each delta's rows replaced
+            y = y.expand(r.batch, *y.shape[1:])
+        for d, rows, params in groups:
             if params:
-                yg = torch.func.functional_call(self._inner, dict(params), (x.index_select(0, rows), *args), kwargs)
+                # other batch-first tensor inputs (OPT's / BioGPT's position ids next to the attention mask)
+                # are cut to the group's rows too, so the module sees one consistent sub-batch
+                group_args = tuple(_batch_rows(a, rows, x.shape[0]) for a in args)
+                group_kwargs = {k: _batch_rows(v, rows, x.shape[0]) for k, v in kwargs.items()}
+                yg = torch.func.functional_call(self._inner, dict(params), (x.index_select(0, rows), *group_args),
+                                                group_kwargs)
+                if yg.dim() > 0 and yg.shape[0] == 1 and rows.numel() > 1:
+                    yg = yg.expand(rows.numel(), *yg.shape[1:])
                 y = y.index_copy(0, rows, yg)
         return y
 
@@ -325,6 +363,12 @@ class MultiDeltaEmbedding(MultiDeltaModule):
         super().__init__(embedding)
         self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
         self.padding_idx = embedding.padding_idx
+        try:
+            parameters = inspect.signature(embedding.forward).parameters.values()
+            self._single_argument = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)
+                                        for p in parameters) <= 1
+        except (TypeError, ValueError):
+            self._single_argument = True
 
     @classmethod
     def serves(cls, module, leaf):
@@ -344,11 +388,31 @@ class MultiDeltaEmbedding(MultiDeltaModule):
             raise ValueError(f"{name}: replacement table {tuple(dense['weight'].shape)}, embedding {tuple(self.weight.shape)}")
         return super()._entry(name, None, dense)
 
-    def forward(self, input_ids: torch.Tensor, delta_ids=None) -> torch.Tensor:
-        return self._per_row(input_ids, (), {}, delta_ids)
+    def forward(self, input_ids: torch.Tensor, *args, delta_ids=None, **kwargs) -> torch.Tensor:
+        # extra arguments go to the embedding's own forward when it takes them (BioGPT's / OPT's learned
+        # positions: (attention_mask, past_key_values_length, position_ids=...)); for a forward of one
+        # argument (nn.Embedding, Gemma's scaled one) a second positional argument is the routing, as before
+        if args and self._single_argument:
+            if delta_ids is not None or len(args) > 1:
+                raise TypeError(f"{type(self._inner).__name__}.forward takes one argument; pass delta_ids once")
+            (delta_ids,), args = args, ()
+        return self._per_row(input_ids, args, kwargs, delta_ids)
 
     def extra_repr(self) -> str:
         return f"{type(self._inner).__name__}({self.num_embeddings}, {self.embedding_dim}), {self._deltas_repr()}"
+
+
+def _is_cache(value) -> bool:
+    """A transformers KV cache (duck-typed: `update` and `get_seq_length`)."""
+    return callable(getattr(value, "update", None)) and callable(getattr(value, "get_seq_length", None))
+
+
+def _batch_rows(value, rows: torch.Tensor, batch: int):
+    """`value` cut to `rows` when it is a batch-first tensor of the full batch (2-D or more, `batch` rows:
+    position ids, masks); anything else (ints, 1-D cache positions, shared (1, ...) inputs) as it is."""
+    if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == batch and batch > 1:
+        return value.index_select(0, rows.to(value.device))
+    return value
 
 
 def wrapper_class(module: torch.nn.Module) -> Optional[type]:
