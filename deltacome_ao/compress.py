@@ -259,6 +259,9 @@ def plan_compression(root: torch.nn.Module, config: Any, targets: Iterable, devi
     made first over every target). A "self" calibration is sampled from `root` first.
     Raises `CheckpointMismatchError` (base and fine-tune differ in architecture) or ValueError.
     """
+    if device is not None and torch.device(device).type == "meta":
+        raise ValueError("device='meta': compression needs the weights' values (an SVD of each delta); pass a "
+                         "real device (e.g. 'cpu', 'cuda'), or None to compress where the weights are")
     targets = [_as_layer(t) for t in targets]
     for layer in targets:
         if isinstance(getattr(layer.module, layer.param), DeltaTensor):

@@ -165,7 +165,7 @@ class DeltaCoMeConfig(AOBaseConfig):
                 raise ValueError("bands: give at least one (bits, count) pair, or bands=None for the budget's schedule")
         if self.recipe is not None and not isinstance(self.recipe, Recipe):
             raise ValueError(f"recipe must be a deltacome_ao.recipes.Recipe or None, got {type(self.recipe).__name__}")
-        for flag in ("progress", "act_order", "target_correction", "whiten"):
+        for flag in ("progress", "act_order", "target_correction", "whiten", "embeddings"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         if not isinstance(self.allocation, str) or self.allocation not in ALLOCATIONS:

@@ -489,6 +489,7 @@ def test_hf_checkpoint_without_deltacome_ao_fails_loudly(hf_checkpoint):
     ({"recipe": "llama"}, r"recipe must be a deltacome_ao\.recipes\.Recipe or None, got str"),
     ({"progress": "no"}, r"progress must be True or False"),
     ({"act_order": 1}, r"act_order must be True or False"),
+    ({"embeddings": "yes"}, r"embeddings must be True or False"),
     ({"allocation": "optimal", "candidates": 8}, r"candidates 8: a sequence of 0 \(dropped\) and widths"),
     ({"allocation": "optimal", "candidates": (0, 9)}, r"candidates \(0, 9\)"),
     ({"calibration": "some text"}, r"calibration must be None or an iterable of input_ids"),

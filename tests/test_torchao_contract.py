@@ -130,6 +130,20 @@ def test_compress_device_moves_model_and_weights(pair):
     torch.testing.assert_close(logits(model), logits(compress_(copy.deepcopy(ft), cfg(base))))
 
 
+def test_meta_device_is_refused(pair):
+    base, ft = pair
+    model = copy.deepcopy(ft)
+    before = logits(model)
+    with pytest.raises(ValueError, match="device='meta': compression needs the weights' values"):
+        compress_(model, cfg(base), device="meta")
+    assert not compressed_layers(model) and torch.equal(logits(model), before)
+    # torchao's quantize_ moves each module to `device` before calling the handler (its data is gone
+    # by then): the error is still ours and clear, and no run state is left behind
+    with pytest.raises(ValueError, match="device='meta': compression needs the weights' values"):
+        quantize_(copy.deepcopy(ft), cfg(base), device="meta")
+    assert config_module._RUNS == {}
+
+
 def test_failed_run_leaves_nothing_behind(pair):
     base, ft = pair
     model = copy.deepcopy(ft)
