@@ -188,7 +188,7 @@ base. It is useless without its base model, which a fingerprint in `delta_config
 | | |
 |---|---|
 | base model | {base_text} |
-| method | `{method}` |
+| method | {f"`{method}`" if method else "not recorded (pass `config=` to `save_delta`); layer kinds: " + ", ".join(sorted({str(spec.get("tensor", "?")) for spec in layers.values()}))} |
 | alpha | {alpha_text} |
 | group size | {document.get('group_size')} |
 {chr(10).join(rows)}

@@ -83,6 +83,9 @@ def test_base_recorded_and_model_card(pair, tmp_path):
     assert (doc["base_model_name_or_path"], doc["base_revision"]) == ("org/base-7b", SHA)
     meta = front_matter(out / "README.md")
     assert meta["base_model"] == "org/base-7b"
+    # saved without config=: the card says the method is not recorded and names the layers' tensor kind
+    assert "| method | not recorded (pass `config=` to `save_delta`); layer kinds: MixedPrecisionDeltaTensor |" \
+        in (out / "README.md").read_text()
     card = huggingface_hub.ModelCard.load(out / "README.md")  # what the Hub parses
     assert card.data.base_model == "org/base-7b" and card.data.library_name == "deltacome_ao"
     # a model loaded from the Hub knows its id and commit
