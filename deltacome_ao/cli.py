@@ -633,9 +633,15 @@ def eval_(base, delta, pair, text_file, finetuned, problems, seq_len, verify):
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True, help="dtype of the written weights")
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
+@click.option("--quiet", "-q", is_flag=True, help="no progress bars (ours or transformers')")
 @_user_errors
-def merge(base, delta, out, dtype, overwrite):
+def merge(base, delta, out, dtype, overwrite, quiet):
     """Write BASE + DELTA as a plain dense model OUT (safetensors), for tools that need plain weights."""
+    with _quiet_transformers(quiet):
+        _merge(base, delta, out, dtype, overwrite, quiet)
+
+
+def _merge(base, delta, out, dtype, overwrite, quiet):
     import torch
     from tqdm.auto import tqdm
 
@@ -654,7 +660,7 @@ def merge(base, delta, out, dtype, overwrite):
     model = DeltaCoMeModel.from_pretrained(_load(base), delta)  # the fine-tune's config applied
     layers = compressed_layers(model)
     with torch.no_grad():
-        for name, w in tqdm(layers.items(), desc="dequantize", unit="layer"):
+        for name, w in tqdm(layers.items(), desc="dequantize", unit="layer", disable=quiet):
             owner, _, param = layer_key(name, w.dim()).rpartition(".")
             setattr(model.get_submodule(owner), param, torch.nn.Parameter(w.dequantize(), requires_grad=False))
     if dtype != "auto":
@@ -697,10 +703,16 @@ def merge(base, delta, out, dtype, overwrite):
               help="of the LoRA factors (default: the model's; fp16 with --vllm)")
 @click.option("--verify", type=click.Choice(["full", "sample", "none"]), default="full", show_default=True)
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
+@click.option("--quiet", "-q", is_flag=True, help="no progress bars (ours or transformers')")
 @_user_errors
-def export_lora_command(base, delta, out, max_rank, rank, allocation, selection, calib, calib_file, calib_len,
-                        embeddings, embedding_rank, vllm, dtype, verify, overwrite):
+def export_lora_command(base, delta, out, quiet, **opts):
     """Write the delta artifact DELTA of BASE as a PEFT LoRA adapter OUT (PEFT / vLLM load it as-is)."""
+    with _quiet_transformers(quiet):
+        _export_lora(base, delta, out, **opts)
+
+
+def _export_lora(base, delta, out, max_rank, rank, allocation, selection, calib, calib_file, calib_len,
+                 embeddings, embedding_rank, vllm, dtype, verify, overwrite):
     from .lora import export_lora
 
     if out.exists() and not overwrite:
@@ -745,9 +757,15 @@ def export_lora_command(base, delta, out, max_rank, rank, allocation, selection,
 @click.option("--group-size", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True, help="base load dtype (auto: as saved)")
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
+@click.option("--quiet", "-q", is_flag=True, help="no progress bars (ours or transformers')")
 @_user_errors
-def compress_lora_command(base, adapter, out, alpha, method, allocation, group_size, dtype, overwrite):
+def compress_lora_command(base, adapter, out, quiet, **opts):
     """Compress the PEFT LoRA adapter ADAPTER of BASE into the delta artifact OUT."""
+    with _quiet_transformers(quiet):
+        _compress_lora(base, adapter, out, **opts)
+
+
+def _compress_lora(base, adapter, out, alpha, method, allocation, group_size, dtype, overwrite):
     from .artifact import read_delta_config
     from .lora import compress_lora
 

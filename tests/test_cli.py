@@ -87,6 +87,10 @@ def test_merge_matches_compressed_model(delta, tmp_path):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     again = run("merge", BASE, out, merged)
     assert again.exit_code == 1 and "--overwrite" in again.output
+    assert "dequantize:" in result.output  # the progress bar, which --quiet turns off (with transformers')
+    quiet = run("merge", BASE, out, tmp_path / "quiet", "--quiet")
+    assert quiet.exit_code == 0 and "dequantize:" not in quiet.output and "Loading weights" not in quiet.output
+    assert quiet.output.startswith("wrote ")
 
 
 def test_errors_are_one_line_and_nonzero(delta, tmp_path):
