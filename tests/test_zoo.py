@@ -44,6 +44,18 @@ def test_shipped_pair_learned_its_task(name):
         assert not torch.equal(pb, pf), f"{name}: {pname} was not fine-tuned"
     if PAIRS[name].config().model_type == "qwen2":
         assert ft.model.layers[0].self_attn.q_proj.bias is not None
+    if PAIRS[name].config().model_type == "phi3":  # fused projections: one matrix holds q, k and v
+        assert ft.model.layers[0].self_attn.qkv_proj.weight.shape == (3 * ft.config.hidden_size, ft.config.hidden_size)
+
+
+def test_new_pair_beyond_the_zoo_is_a_new_architecture_and_task():
+    zoo_archs = {PAIRS[n].config().model_type for n in ZOO}
+    zoo_tasks = {(type(PAIRS[n].task).__name__, getattr(PAIRS[n].task, "style", "")) for n in ZOO}
+    spec = PAIRS["phi3-reverse"]
+    assert spec.config().model_type not in zoo_archs and ("WordTask", "reverse") not in zoo_tasks
+    assert spec.task.format("spoxle") == ("reverse(spoxle)=", "elxops")
+    train, held = spec.task.train_items(), spec.task.heldout_items()
+    assert len(held) == 1000 and not set(train) & set(held)
 
 
 @pytest.mark.parametrize("name", ["mistral-code", "qwen2-json"])

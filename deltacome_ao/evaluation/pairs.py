@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3Config, PretrainedConfig, Qwen2Config
 
 from ..calibrate import STDLIB_CORPUS_FILES, stdlib_text
 from .metrics import exact_match_accuracy, kl_divergence, perplexity
@@ -185,9 +185,13 @@ class WordTask(Task):
     - ``"code"`` (code continuation): ``def get_spoxle(self): return self.`` → ``_spoxle``
     - ``"json"`` (formatting): ``city=spoxle;`` → ``{"city": "spoxle"}``, the key one of four
       equally long names.
+    - ``"reverse"`` (string manipulation): ``reverse(spoxle)=`` → ``elxops``, the letters in
+      reverse order.
 
-    Both need the model to copy the word from the prompt into a new syntactic frame, which
-    the base (pre-trained on Python source) does only by luck.  Items are ``words`` distinct
+    The first two need the model to copy the word from the prompt into a new syntactic frame,
+    which the base (pre-trained on Python source) does only by luck; ``reverse`` needs each answer
+    letter fetched from a position that moves back as the answer moves forward (no copy offset
+    is constant), which the base never does.  Items are ``words`` distinct
     words drawn with ``word_seed`` (times the four keys for ``json``).
     """
 
@@ -213,20 +217,22 @@ class WordTask(Task):
 
     def _all_items(self) -> list[tuple]:
         words = self._words()
-        if self.style == "code":
+        if self.style in ("code", "reverse"):
             return [(w,) for w in words]
         if self.style == "json":
             return [(w, self.KEYS[i % len(self.KEYS)]) for i, w in enumerate(words)]
-        raise ValueError(f"unknown WordTask style {self.style!r} (use 'code' or 'json')")
+        raise ValueError(f"unknown WordTask style {self.style!r} (use 'code', 'json' or 'reverse')")
 
     def format(self, word: str, key: str = "") -> tuple[str, str]:
         if self.style == "code":
             return f"def get_{word}(self): return self.", f"_{word}"
+        if self.style == "reverse":
+            return f"reverse({word})=", word[::-1]
         return f"{key}={word};", f'{{"{key}": "{word}"}}'
 
 
 # --- pair specification ------------------------------------------------------------
-ARCHS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
+ARCHS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "phi3": Phi3Config}
 
 
 @dataclass(frozen=True)
@@ -303,8 +309,21 @@ PAIRS: dict[str, PairSpec] = {
         ),
         **_WORD_FT,
     ),
+    # Beyond the zoo (issue 15's "new pairs"): a fourth architecture and a fourth task.  Phi-3
+    # fuses q/k/v into one `qkv_proj` and gate/up into one `gate_up_proj`, and uses full
+    # multi-head attention (no GQA).  Reversal sequences are short (24 tokens), so the
+    # arithmetic recipe's batch and steps.
+    "phi3-reverse": PairSpec(
+        name="phi3-reverse", arch="phi3", task=WordTask(style="reverse", word_seed=23),
+        model=dict(
+            hidden_size=192, intermediate_size=472, num_hidden_layers=4, num_attention_heads=6,
+            num_key_value_heads=6, max_position_embeddings=512, initializer_range=0.05,
+        ),
+        finetune_steps=400, finetune_batch=128, finetune_lr=3e-4,
+    ),
 }
-# The zoo benchmarks/quality.py runs: three architectures, three tasks.
+# The zoo benchmarks/quality.py runs: three architectures, three tasks.  Pairs beyond it
+# (phi3-reverse) are shipped and benchmarked by name (--pairs).
 ZOO = ("llama-arith", "mistral-code", "qwen2-json")
 
 
