@@ -62,6 +62,8 @@ REASONS = {
     "filter": "a matmul weight filter_fn excludes",
     "budget": "alpha leaves no room for one singular vector of this matrix",
     "unstackable": "stacked experts of a method that cannot stack them (DeltaTensor.stack)",
+    "experts_layout": ("flattened stacked experts: a 2-D (E·rows, cols) parameter viewed per expert in the forward "
+                       "(DBRX's experts.mlp.w1 / v1 / w2); this layout is not supported yet, kept dense"),
     "other": "not a matmul weight",
 }
 
@@ -470,7 +472,28 @@ def uncompressed_reason(root: torch.nn.Module, key: str, skipped: Optional[Mappi
         return "router"
     if t is not None and t.dim() <= 1:
         return "vector"
+    if t is not None and t.dim() == 2 and _flattened_experts(root, owner_name, t):
+        return "experts_layout"
     return "other"
+
+
+_EXPERT_COUNTS = ("num_experts", "moe_num_experts", "num_local_experts", "n_routed_experts")
+
+
+def _flattened_experts(root: torch.nn.Module, owner_name: str, t: torch.Tensor) -> bool:
+    """A 2-D parameter that stacks E experts along its first dimension, (E·rows, cols), of a module (or
+    its parent) that declares E experts: DBRX's `ffn.experts.mlp.w1` (E·ffn, hidden)."""
+    names = [owner_name, owner_name.rpartition(".")[0]] if owner_name else [""]
+    for name in names:
+        try:
+            module = root.get_submodule(name) if name else root
+        except AttributeError:
+            continue
+        for attr in _EXPERT_COUNTS:
+            e = getattr(module, attr, None)
+            if isinstance(e, int) and not isinstance(e, bool) and e > 1 and t.shape[0] % e == 0 and t.shape[0] > e:
+                return True
+    return False
 
 
 def coverage_summary(changed: Mapping[str, int], compressed: Mapping[str, int], reasons: Mapping[str, str],

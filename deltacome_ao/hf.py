@@ -55,12 +55,15 @@ from .format import (
     TensorFile,
     assemble,
     check_spec,
+    check_tensor,
     flatten_state_dict,
     method_fields,
     layer_key,
+    record_problem,
     shell,
     spec_key,
     stored_names,
+    tensor_record,
 )
 from .methods import tensor_kinds
 from .version import __version__
@@ -97,7 +100,10 @@ class DeltaCoMeHfConfig(QuantizationConfigMixin):
     """`quantization_config` of a compressed checkpoint (stored in `config.json`).
 
     modules: {module name: layer structure} (`DeltaTensor.spec()`) for every compressed layer.
-    digests / guard: per-tensor sha256 and the guard tensor's name (docs/integrity.md).
+    digests / guard: per-tensor sha256 of the compressed layers' inner tensors and the guard tensor's name
+        (docs/integrity.md).
+    tensors: {name in the checkpoint files: {dtype, shape, sha256}} of every other stored tensor
+        (embeddings, norms, lm_head, biases, ...), checked against the stored bytes on load.
     how: how it was compressed, when known (`format.method_fields`: method, alpha, group_size,
         allocation, calibrated, method_options, calibration, global_allocation); any other field is ignored with a warning.
     """
@@ -108,7 +114,7 @@ class DeltaCoMeHfConfig(QuantizationConfigMixin):
 
     def __init__(self, modules: Optional[dict] = None, format_version: int = FORMAT_VERSION,
                  library_version: Optional[str] = None, digests: Optional[dict] = None, guard: Optional[str] = None,
-                 **how):
+                 tensors: Optional[dict] = None, **how):
         self.quant_method = QUANT_METHOD
         if not isinstance(format_version, int) or isinstance(format_version, bool) or format_version < 1:
             raise DeltaFormatError(f"quantization_config: field 'format_version' must be an integer >= 1, got {format_version!r}")
@@ -128,7 +134,15 @@ class DeltaCoMeHfConfig(QuantizationConfigMixin):
             raise DeltaFormatError("quantization_config: field 'digests' must be an object {stored tensor name: sha256 hex}")
         if guard is not None and not isinstance(guard, str):
             raise DeltaFormatError(f"quantization_config: field 'guard' must be a tensor name, got {guard!r}")
-        self.digests, self.guard = digests, guard
+        if tensors is not None:
+            if not isinstance(tensors, dict):
+                raise DeltaFormatError(f"quantization_config: field 'tensors' must be an object {{stored tensor name: "
+                                       f"{{dtype, shape, sha256}}}}, got {type(tensors).__name__}")
+            for name, record in tensors.items():
+                problem = record_problem(record)
+                if problem:
+                    raise DeltaFormatError(f"quantization_config: field tensors[{name!r}] {problem}")
+        self.digests, self.guard, self.tensors = digests, guard, tensors
         self.format_version = format_version
         if library_version is None:
             library_version = __version__
@@ -161,6 +175,7 @@ class DeltaCoMeHfConfig(QuantizationConfigMixin):
             "modules": {name: dict(spec) for name, spec in self.modules.items()},
             "guard": self.guard,
             "digests": None if self.digests is None else dict(self.digests),
+            "tensors": None if self.tensors is None else {k: dict(v) for k, v in self.tensors.items()},
         }
 
 
@@ -279,10 +294,11 @@ class DeltaCoMeHfQuantizer(HfQuantizer):
                     f"{type(module).__name__} with {param} {shape}"
                 )
             setattr(module, param, torch.nn.Parameter(shell(spec, device=w.device, dtype=w.dtype), requires_grad=False))
+        self.verify = _VERIFY.get()
         self._check_integrity_fields()
         if checkpoint_files:
             self._check_checkpoint(checkpoint_files, model)
-        self.loaded, self.failures, self.verify = set(), [], _VERIFY.get()
+        self.loaded, self.failures = set(), []
 
     def _check_integrity_fields(self):
         """Version 2: `digests` covers every stored inner tensor and `guard` names a listed layer's
@@ -299,19 +315,28 @@ class DeltaCoMeHfQuantizer(HfQuantizer):
                                    f"{sorted(expected - have)[:4]}, unexpected {sorted(have - expected)[:4]}")
         if config.guard is not None and config.guard not in {spec_key(n, spec) for n, spec in config.modules.items()}:
             raise DeltaFormatError(f"quantization_config: field 'guard' {config.guard!r} is not a listed layer's weight")
+        if config.tensors is None:
+            warnings.warn("this deltacome checkpoint records no digests of its uncompressed tensors (embeddings, norms, "
+                          "...; written by an earlier deltacome_ao), so only its compressed layers are checked; re-save it "
+                          "with this deltacome_ao to add them", IntegrityWarning, stacklevel=2)
 
     def _check_checkpoint(self, checkpoint_files, model=None):
         """Every inner tensor of every listed layer is in the checkpoint (and the guard tensor), and no
         other such tensor; every file is a readable safetensors file. Names as the model knows them:
         transformers renames some on load (e.g. LLaVA's)."""
-        keys, names = set(), set()
+        keys, names, dense = set(), set(), {}
         for path in checkpoint_files:
             if not str(path).endswith(".safetensors"):
                 raise DeltaFormatError(f"{path}: deltacome checkpoints are safetensors files only")
             with TensorFile(path) as f:
                 stored = f.keys()
+                self._check_stored_tensors(f, [k for k in stored if SEP not in k], model, dense)
             names.update(stored)
             keys.update(k for k in stored if SEP in k)
+        records = self.quantization_config.tensors
+        if records is not None and set(records) - set(dense):
+            raise DeltaFormatError(f"the checkpoint lacks tensors its quantization_config records (field 'tensors'): "
+                                   f"{sorted(set(records) - set(dense))[:4]}")
         if model is not None:
             keys = {_loaded_name(model, k) for k in keys}
             names = {_loaded_name(model, k) for k in names}
@@ -325,6 +350,34 @@ class DeltaCoMeHfQuantizer(HfQuantizer):
                 f"the checkpoint does not match its quantization_config: missing {missing[:4]}"
                 f"{' ...' if len(missing) > 4 else ''}, unexpected {extra[:4]}{' ...' if len(extra) > 4 else ''}"
             )
+
+    def _check_stored_tensors(self, f: TensorFile, stored: list[str], model, seen: dict) -> None:
+        """The tensors transformers loads itself (every stored tensor but the compressed layers' inner
+        tensors and the guard): each must be recorded in `tensors` and, unless verify="none", have the
+        recorded dtype, shape and sha256. The stored bytes are checked, before transformers casts them."""
+        records = self.quantization_config.tensors
+        if records is None:
+            return
+        guard = self.quantization_config.guard
+        for key in stored:
+            if key == guard or (guard is not None and model is not None and f.layout(key)[0] == "uint8"
+                                and _loaded_name(model, key) == guard):
+                continue
+            if key in seen:
+                raise DeltaFormatError(f"{f.path}: tensor {key!r} is stored in two checkpoint files")
+            seen[key] = f.path
+            record = records.get(key)
+            if record is None:
+                raise DeltaFormatError(f"{f.path}: tensor {key!r} is not recorded in quantization_config (field "
+                                       f"'tensors'; the checkpoint was changed)")
+            if self.verify == "none":
+                dtype, shape = f.layout(key)
+                if dtype != record["dtype"] or shape != record["shape"]:
+                    raise DeltaFormatError(
+                        f"{f.path}: tensor {key!r} is {dtype} {tuple(shape)}, the recorded digest says "
+                        f"{record['dtype']} {tuple(record['shape'])} (the file is corrupted or was changed)")
+                continue
+            check_tensor(key, f.get_tensor(key), record, f.path)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.failures:
@@ -371,8 +424,10 @@ class DeltaCoMeHfQuantizer(HfQuantizer):
         # the guard sits on a 2-D layer's `<module>.weight` (stacked experts have other parameter names)
         config.guard = next((k for k in (spec_key(n, s) for n, s in config.modules.items()) if k.endswith(".weight")),
                             None)
+        guard = _guard_tensor()
         if config.guard is not None:
-            state[config.guard] = _guard_tensor()
+            state[config.guard] = guard
+        config.tensors = _stored_records(model, state, guard)
         config.format_version = FORMAT_VERSION
         model.config.quantization_config = config
         return state, {"deltacome_format_version": str(FORMAT_VERSION)}
@@ -409,6 +464,22 @@ def _loaded_name(model, key: str) -> str:
     except (ImportError, TypeError, AttributeError):
         pass
     return f"{tensor}{sep}{inner}"
+
+
+def _stored_records(model, state: dict, guard: torch.Tensor) -> dict:
+    """`tensor_record` of every tensor `save_pretrained` will write from `state` other than the compressed
+    layers' inner tensors and the guard, under the name it will have in the files: transformers removes
+    tied aliases and reverts the model's weight conversions (renamings, split experts) before writing."""
+    stored = dict(state)
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+        stored = revert_weight_conversion(model, remove_tied_weights_from_state_dict(stored, model))
+    except ImportError:
+        pass
+    return {k: tensor_record(v) for k, v in stored.items()
+            if SEP not in k and v is not guard and not (v.dtype == torch.uint8 and torch.equal(v, guard))}
 
 
 def _keep_stacks_out_of_conversions(model, layers) -> None:

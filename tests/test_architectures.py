@@ -384,3 +384,39 @@ def test_jamba_compresses_and_runs():
     with torch.no_grad():
         got, before, target = model(**x).logits, base(**x).logits, ft(**x).logits
     assert (got - target).norm() < 0.5 * (before - target).norm()
+
+
+def test_dbrx_flattened_experts_are_reported_truthfully(tmp_path):
+    """DBRX stores its experts flattened, `ffn.experts.mlp.w1 / v1 / w2` of shape (E·ffn, hidden), viewed to
+    (E, ffn, hidden) in the forward. They are not compressed (yet): the coverage report says so with its
+    own reason ("experts_layout", not "other: not a matmul weight"), and nothing is wrong — the experts
+    are kept exactly, the artifact round trip and per-row serving equal the model alone."""
+    from deltacome_ao.compress import REASONS
+    from deltacome_ao.evaluation.architectures import Arch, _COMMON
+
+    arch = Arch("dbrx", "dbrx", dict(_COMMON, d_model=64, n_heads=4, n_layers=2, max_seq_len=64,
+                                     attn_config=dict(kv_n_heads=2, rope_theta=1e4, clip_qkv=8.0),
+                                     ffn_config=dict(ffn_hidden_size=64, moe_num_experts=4, moe_top_k=2)), moe=True)
+    base = tiny_base(arch)
+    ft = tiny_finetune(base)
+    model = compress_(copy.deepcopy(ft), DeltaCoMeConfig(base=base, progress=False))
+    report = coverage_report(model, base)
+    experts = {k: v for k, v in report["uncompressed"].items() if ".ffn.experts.mlp." in k}
+    assert sorted(k.rpartition(".")[2] for k in experts) == ["v1", "v1", "w1", "w1", "w2", "w2"]
+    assert {v["reason"] for v in experts.values()} == {"experts_layout"}
+    assert "other" not in report["uncompressed_by_reason"]
+    assert "flattened stacked experts" in REASONS["experts_layout"]
+    rows = {r["name"]: r for r in delta_report(model, base)}
+    assert all(rows[k]["reason"] == "experts_layout" for k in experts)
+    for k in experts:  # kept exactly as the fine-tune has them
+        assert torch.equal(model.get_parameter(k), ft.get_parameter(k))
+    x = inputs_for(arch, base, batch=2)
+    path = save_delta(model, tmp_path / "ft", base=base)
+    with torch.no_grad():
+        got = model(**x).logits
+        assert torch.equal(load_delta(copy.deepcopy(base), path)(**x).logits, got)
+        served = MultiDeltaModel(copy.deepcopy(base))
+        served.load_delta("ft", path)
+        out = served(**x, delta_ids=["ft", None]).logits
+        torch.testing.assert_close(out[0], got[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[1], base(**x).logits[1], rtol=1e-5, atol=1e-5)

@@ -420,11 +420,83 @@ def test_hf_corrupted_inner_tensor_is_named(hf_checkpoint, tmp_path):
         AutoModelForCausalLM.from_pretrained(bad)
 
 
+@pytest.mark.parametrize("key", ["model.norm.weight", "model.embed_tokens.weight",
+                                 "model.layers.0.input_layernorm.weight"])
+def test_hf_corrupted_uncompressed_tensor_is_named(hf_checkpoint, tmp_path, key):
+    """The tensors transformers loads itself (norms, embeddings) have digests too: a flipped byte in
+    the stored file is a `DeltaFormatError` naming the tensor, not a silently different model."""
+    from transformers import AutoModelForCausalLM
+
+    from deltacome_ao.hf import verification
+
+    _, path = hf_checkpoint
+    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    stored = load_file(path / "model.safetensors")
+    assert key in qc["tensors"] and qc["tensors"][key] == tensor_record(stored[key])
+
+    def flip(tensors):
+        raw(tensors[key])[3] ^= 0x10
+
+    bad = _copy_checkpoint(path, tmp_path / "bad", edit_tensors=flip)
+    with pytest.raises(DeltaFormatError, match=re.escape(repr(key)) + ".* does not match its recorded sha256"):
+        AutoModelForCausalLM.from_pretrained(bad)
+    with verification("none"):  # skipped explicitly: loads the changed tensor
+        loaded = AutoModelForCausalLM.from_pretrained(bad)
+    assert not torch.equal(loaded.state_dict()[key], stored[key])
+
+
+def test_hf_checkpoint_records_every_stored_tensor(hf_checkpoint, tmp_path):
+    """Every stored tensor is covered: the compressed layers' inner tensors by `digests`, every other one
+    (but the guard) by `tensors` (dtype, shape, sha256 of the stored bytes); the unmodified checkpoint
+    loads bit-exactly. A changed dtype in the header, a missing or an extra tensor are errors."""
+    from transformers import AutoModelForCausalLM
+
+    model, path = hf_checkpoint
+    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    stored = load_file(path / "model.safetensors")
+    assert set(qc["tensors"]) | set(qc["digests"]) | {qc["guard"]} == set(stored)
+    assert not set(qc["tensors"]) & (set(qc["digests"]) | {qc["guard"]})
+    loaded = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids()).logits, model(ids()).logits)
+    for k, v in loaded.state_dict().items():
+        if k in qc["tensors"]:
+            assert torch.equal(v, stored[k]), k
+
+    def retype(tensors):  # same bytes, another dtype of the same size
+        tensors["model.norm.weight"] = tensors["model.norm.weight"].view(torch.int32)
+
+    bad = _copy_checkpoint(path, tmp_path / "retyped", edit_tensors=retype)
+    with pytest.raises(DeltaFormatError, match="'model.norm.weight' is int32"):
+        AutoModelForCausalLM.from_pretrained(bad)
+    bad = _copy_checkpoint(path, tmp_path / "extra", edit_tensors=lambda t: t.__setitem__("extra.weight", torch.ones(2)))
+    with pytest.raises(DeltaFormatError, match="extra.weight"):
+        AutoModelForCausalLM.from_pretrained(bad)
+    bad = _copy_checkpoint(path, tmp_path / "missing", edit_tensors=lambda t: t.pop("model.norm.weight"))
+    with pytest.raises(DeltaFormatError, match="model.norm.weight"):
+        AutoModelForCausalLM.from_pretrained(bad)
+
+
+def test_hf_checkpoint_without_tensor_records_still_loads(hf_checkpoint, tmp_path):
+    """A version 2 checkpoint written before `tensors` existed loads, with a warning that the
+    uncompressed tensors are not checked."""
+    from transformers import AutoModelForCausalLM
+
+    model, path = hf_checkpoint
+    old = _copy_checkpoint(path, tmp_path / "old", edit_config=lambda qc: qc.pop("tensors"))
+    with pytest.warns(IntegrityWarning, match="uncompressed tensors"):
+        loaded = AutoModelForCausalLM.from_pretrained(old)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids()).logits, model(ids()).logits)
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("modules", "x", "field 'modules' must be an object"),
     ("digests", {"a": "b"}, "field 'digests' must be an object"),
     ("digests", None, "field 'digests' must list every stored inner tensor"),
     ("guard", "lm_head.weight", "field 'guard'"),
+    ("tensors", {"model.norm.weight": "x"}, r"field tensors\['model.norm.weight'\] must be an object"),
+    ("tensors", [], "field 'tensors' must be an object"),
     ("format_version", "2", "field 'format_version' must be an integer"),
 ])
 def test_hf_malformed_quantization_config(hf_checkpoint, tmp_path, field, value, message):

@@ -395,25 +395,86 @@ def test_embedding_subclass_with_own_arguments_is_served_per_row(tmp_path):
             assert torch.equal(gen[i], ref[0]), (i, n)
 
 
-def test_units_that_cannot_be_cut_by_rows_refuse_clearly(tmp_path):
-    """A module with parameters of its own served as a unit must be called with a batch-first tensor and
-    return one: gpt-oss's attention (sinks; called with keyword arguments, returns a tuple, takes the KV
-    cache) and Llama 4's MoE block (returns a tuple) raised TypeError / AttributeError at the first
-    forward. Now: UnsupportedDeltaError naming the module and the deltas; base rows still pass."""
+def _unservable_arch(kind):
+    from deltacome_ao.evaluation.architectures import _COMMON, HIDDEN, VOCAB, Arch
+
+    tokens = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if kind == "gpt_oss":  # attention with sinks: called with keyword arguments and a KV cache
+        return Arch("gpt_oss", "gpt_oss", dict(_COMMON, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                                               layer_types=["sliding_attention", "full_attention"], sliding_window=8,
+                                               **tokens), moe=True), "self_attn"
+    if kind == "llama4_text":  # MoE block returning a tuple
+        return Arch("llama4_text", "llama4_text", dict(_COMMON, head_dim=16, intermediate_size_mlp=128,
+                                                       num_local_experts=4, num_experts_per_tok=1,
+                                                       interleave_moe_layer_step=1, no_rope_layers=[1, 1], **tokens),
+                    moe=True), "feed_forward"
+    if kind == "jamba":  # the Mamba mixer: conv / SSM parameters next to projections, a cache of its own
+        return Arch("jamba", "jamba", dict(_COMMON, num_experts=4, num_experts_per_tok=2, attn_layer_period=2,
+                                           attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+                                           mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, **tokens),
+                    moe=True), "mamba"
+    assert kind == "opt"  # the decoder flattens (B, S, H) into (B·S, H) before fc1
+    return Arch("opt", "opt", dict(vocab_size=VOCAB, hidden_size=HIDDEN, ffn_dim=128, num_hidden_layers=2,
+                                   num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=HIDDEN,
+                                   **tokens)), "(final_layer_norm|fc1)"
+
+
+@pytest.mark.parametrize("kind", ["gpt_oss", "llama4_text", "jamba", "opt"])
+def test_units_that_cannot_be_cut_by_rows_are_refused_at_load(tmp_path, kind):
+    """Modules that cannot be cut by rows (gpt-oss's attention with sinks called with keyword arguments
+    and a KV cache, Llama 4's MoE block returning a tuple, Jamba's Mamba mixer, OPT's fc1 on the tokens
+    flattened to (B·S, H)) raised UnsupportedDeltaError / ValueError at the first forward routed to the
+    delta. Now load_delta's probe forward refuses them: UnsupportedDeltaError naming the module and the
+    reason, the served model left as it was (same modules, base outputs, other deltas still served)."""
     from deltacome_ao.compress import compress_
-    from deltacome_ao.evaluation.architectures import Arch, _COMMON, inputs_for, tiny_base, tiny_finetune
+    from deltacome_ao.evaluation.architectures import inputs_for, tiny_base, tiny_finetune
     from deltacome_ao.serving import UnsupportedDeltaError
 
-    arch = Arch("gpt_oss", "gpt_oss", dict(_COMMON, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
-                                           layer_types=["sliding_attention", "full_attention"], sliding_window=8,
-                                           bos_token_id=1, eos_token_id=2, pad_token_id=0), moe=True)
+    arch, where = _unservable_arch(kind)
     base = tiny_base(arch)
     model = tiny_finetune(base)
     compress_(model, DeltaCoMeConfig(base=base, progress=False))
+    path = save_delta(model, tmp_path / "ft", base=base)
     served = MultiDeltaModel(copy.deepcopy(base))
-    served.load_delta("ft", save_delta(model, tmp_path / "ft", base=base))
+    before = [(n, type(m)) for n, m in served.model.named_modules()]
+    with pytest.raises(UnsupportedDeltaError, match=rf"delta 'ft' cannot be served per row .*layers\.\d+\.\S*{where}"
+                                                    rf".*: .*serve this fine-tune alone"):
+        served.load_delta("ft", path)
+    assert served.deltas() == {} and served.multi_modules() == {}
+    assert [(n, type(m)) for n, m in served.model.named_modules()] == before
     x = inputs_for(arch, base, batch=2)
     with torch.no_grad():
-        with pytest.raises(UnsupportedDeltaError, match=r"GptOssAttention .*\['ft'\].*serve such a delta alone"):
-            served(**x, delta_ids=["ft", None])
-        torch.testing.assert_close(served(**x, delta_ids=[None, None]).logits, base(**x).logits, **TOL)
+        torch.testing.assert_close(served(**x).logits, base(**x).logits, rtol=0, atol=0)
+    # probe=False: registered as before; such a unit then refuses at the first forward routed to it
+    served.load_delta("ft", path, probe=False)
+    with torch.no_grad(), pytest.raises(ValueError):
+        served(**x, delta_ids=["ft", None])
+
+
+def test_probe_refuses_rows_that_differ_silently(tmp_path, monkeypatch):
+    """A served row that differs from the delta's model alone (a wrong per-row path, as Gemma's embedding
+    scale once was) is refused at load_delta, not served; a correct delta still loads."""
+    from deltacome_ao.serving import UnsupportedDeltaError
+    from deltacome_ao.serving.layers import MultiDeltaModule
+
+    base = tiny(seed=0)
+    ft = finetune(base)
+    from deltacome_ao import compress_
+
+    compress_(ft, DeltaCoMeConfig(base=base, group_size=32, progress=False))
+    path = save_delta(ft, tmp_path / "ft", base=base)
+    real = MultiDeltaModule._per_row
+
+    def wrong(self, x, args, kwargs, delta_ids):  # the norms' delta rows scaled by 1.5
+        y = real(self, x, args, kwargs, delta_ids)
+        return y * 1.5 if current_routing() is not None and current_routing().active() else y
+
+    from deltacome_ao.serving.routing import current_routing
+
+    monkeypatch.setattr(MultiDeltaModule, "_per_row", wrong)
+    served = MultiDeltaModel(copy.deepcopy(base))
+    with pytest.raises(UnsupportedDeltaError, match="differ from each model alone"):
+        served.load_delta("ft", path)
+    assert served.deltas() == {} and served.multi_modules() == {}
+    monkeypatch.setattr(MultiDeltaModule, "_per_row", real)
+    assert served.load_delta("ft", path) == 1

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import math
 import os
 import threading
 from typing import Mapping, Optional, Union
@@ -64,6 +65,35 @@ def _unit_of(root: torch.nn.Module, owner: str) -> str:
         if is_moe_block(module) or is_unit(module):
             return ".".join(parts[:i])
     return owner
+
+
+def _probe_input(model: torch.nn.Module) -> Optional[torch.Tensor]:
+    """(2, 6) token ids for `MultiDeltaModel._probe` (two different rows, fixed), on the embedding's
+    device; None when the model has no input embedding table to size them."""
+    try:
+        embedding = model.get_input_embeddings()
+        vocab = int(embedding.weight.shape[0])
+        device = embedding.weight.device
+    except (AttributeError, NotImplementedError, TypeError, IndexError):
+        return None
+    if vocab < 2 or device.type == "meta":
+        return None
+    g = torch.Generator().manual_seed(0)
+    low = min(3, vocab - 1)  # ordinary tokens: clear of the usual special ids at both ends of the table
+    return torch.randint(low, max(low + 1, min(vocab - 2, 1000)), (2, 6), generator=g).to(device)
+
+
+def _logits(out) -> Optional[torch.Tensor]:
+    """The logits of a model output (`.logits`, or the first element of a tuple), None if there are none."""
+    y = getattr(out, "logits", None)
+    if y is None and isinstance(out, (tuple, list)) and out:
+        y = out[0]
+    return y.detach() if isinstance(y, torch.Tensor) and y.dim() >= 2 and y.shape[0] == 2 else None
+
+
+def _dtype(model: torch.nn.Module) -> torch.dtype:
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return p.dtype if p is not None else torch.float32
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -116,11 +146,17 @@ class MultiDeltaModel(torch.nn.Module):
         return {n: m for n, m in self.model.named_modules() if isinstance(m, MultiDeltaLayer)}
 
     def load_delta(self, name: str, delta_dir: Union[str, os.PathLike], verify: str = "full", *,
-                   revision: Optional[str] = None) -> int:
+                   revision: Optional[str] = None, probe: bool = True) -> int:
         """Read the artifact at `delta_dir` (format and base fingerprint checked by
         `artifact.load_delta`), register it under `name` in every layer it touches, return its id.
         `delta_dir` may be a Hub repo id `org/name` (at `revision`; `hub.resolve_delta_dir`).
-        Nothing changes if it fails."""
+
+        probe: before the delta is registered, one small forward (2 rows × 6 tokens, with a KV cache)
+        routes a row to it next to a base row and compares each row with the delta's model alone and the
+        base: a module that cannot be cut by rows (called with keyword arguments or a KV cache, returning
+        a tuple, flattening the batch into tokens, ...) or a row that differs is refused here with
+        `UnsupportedDeltaError` naming the module, instead of failing (or differing) at the first forward.
+        `probe=False` skips it. Nothing changes if it fails."""
         delta_dir = resolve_delta_dir(delta_dir, revision)
         if not isinstance(name, str) or not name:
             raise ValueError("a delta name must be a non-empty string")
@@ -137,6 +173,7 @@ class MultiDeltaModel(torch.nn.Module):
                 raise ValueError(f"a delta named {name!r} is already loaded; unload it first")
             delta_id = next(self._next_id)
             added = []
+            wrapped_before = dict(self._originals)
             try:
                 for module_name in sorted(set(layers) | set(dense)):
                     module = self._multi(module_name)
@@ -146,14 +183,90 @@ class MultiDeltaModel(torch.nn.Module):
                     if module not in added:
                         module.add_delta(name, delta_id=delta_id)
                         added.append(module)
+                if probe:
+                    self._probe(name, delta_id, loaded)
             except BaseException:
                 for module in added:
                     module.remove(name)
+                self._unwrap_since(wrapped_before)
                 raise
             self._ids[name] = delta_id
             self._pins[delta_id] = 0
             self._documents[name] = document
             return delta_id
+
+    def _unwrap_since(self, wrapped_before: dict) -> None:
+        """Put back the base modules wrapped after `wrapped_before` (a copy of `_originals`) was taken:
+        a failed load leaves the served model's module tree as it was. Caller holds the lock."""
+        for module_name in sorted(set(self._originals) - set(wrapped_before), key=lambda n: -n.count(".")):
+            owner, leaf = _split(module_name)
+            setattr(self.model.get_submodule(owner) if owner else self.model, leaf, self._originals.pop(module_name))
+
+    def _probe(self, name: str, delta_id: int, loaded: torch.nn.Module) -> None:
+        """One forward of 2 rows (row 0 routed to the new delta, row 1 to the base) with a KV cache, compared
+        with the delta's model alone (`loaded`) and the base (`_skeleton`). UnsupportedDeltaError naming the
+        module if the routed forward raises, or if a row differs from its model alone by more than rounding
+        (5 % of the delta's effect on that row, or √eps of the logits' scale). Skipped when the model cannot
+        be called with `input_ids` alone (the un-routed forwards raise). Caller holds the lock."""
+        x = _probe_input(self.model)
+        if x is None:
+            return
+        # eval mode for the probe (dropout would make the rows incomparable); restored after
+        modes = {m: m.training for m in itertools.chain(self._skeleton.modules(), loaded.modules(), self.model.modules())}
+        try:
+            self._skeleton.eval()
+            loaded.eval()
+            self.model.eval()
+            with torch.no_grad():
+                try:
+                    base_out = _logits(self._skeleton(input_ids=x, use_cache=True))
+                    alone = _logits(loaded(input_ids=x, use_cache=True))
+                except Exception:
+                    return  # not a model this probe can call (other required inputs): nothing to compare
+                stack = []  # the multi-delta modules whose forward is running: the innermost one raised
+
+                def enter(module, args, module_name):
+                    stack.append(module_name)
+
+                def leave(module, args, output):
+                    if stack:
+                        stack.pop()  # returns None: the output is left as it is
+
+                hooks = []
+                for module_name, module in self.multi_modules().items():
+                    hooks.append(module.register_forward_pre_hook(lambda m, a, n=module_name: enter(m, a, n)))
+                    hooks.append(module.register_forward_hook(leave))
+                try:
+                    with routing(Routing(torch.tensor([delta_id, BASE]))):
+                        served = _logits(self.model(input_ids=x, use_cache=True))
+                except Exception as e:
+                    where = f"{stack[-1]}: " if stack else ""
+                    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    raise UnsupportedDeltaError(
+                        f"delta {name!r} cannot be served per row next to other rows: {where}a forward with one row "
+                        f"routed to it and one to the base raised {type(e).__name__}: {reason[:400]} — serve this "
+                        f"fine-tune alone with artifact.load_delta / DeltaCoMeModel.from_pretrained") from e
+                finally:
+                    for h in hooks:
+                        h.remove()
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+        if served is None or alone is None or base_out is None or served.shape != alone.shape:
+            return
+        eps = max(torch.finfo(_dtype(self.model)).eps, torch.finfo(served.dtype).eps if served.is_floating_point() else 0)
+        served, alone, base_out = served.float(), alone.float(), base_out.float()
+        scale = max(alone.abs().max().item(), base_out.abs().max().item())
+        tol = math.sqrt(eps) * scale
+        err_delta = (served[0] - alone[0]).abs().max().item()
+        gap = (alone[0] - base_out[0]).abs().max().item()
+        err_base = (served[1] - base_out[1]).abs().max().item()
+        if err_delta > max(0.05 * gap, tol) or err_base > tol or not (math.isfinite(err_delta) and math.isfinite(err_base)):
+            raise UnsupportedDeltaError(
+                f"delta {name!r} cannot be served per row next to other rows: a forward with one row routed to it and "
+                f"one to the base gave rows that differ from each model alone (delta row: max |diff| {err_delta:.3g}, "
+                f"the delta's own effect {gap:.3g}; base row: {err_base:.3g}) — serve this fine-tune alone with "
+                f"artifact.load_delta / DeltaCoMeModel.from_pretrained")
 
     def _refuse_unservable(self, document: dict) -> None:
         """What a mixed batch cannot give each row as its model alone would, refused before any work: a
