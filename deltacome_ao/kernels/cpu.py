@@ -155,6 +155,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.dc_delta.argtypes = [p]
     lib.dc_delta.restype = c_int
+    lib.dc_delta1.argtypes = [p, i64, i64, i64, c_int, p, i64, p, i64]
+    lib.dc_delta1.restype = c_int
     lib.dc_dequantize_rows.argtypes = [p, p, p, i64, i64, i64, p, p, i64, i64, p, i64, c_int]
     lib.dc_dequantize_rows.restype = c_int
 
@@ -216,6 +218,24 @@ def _delta_block(m: int, tensors, bits, counts, group_size: int) -> list:
     return [m, group_size, len(bits), *(t.data_ptr() for t in tensors), *bits, *counts]
 
 
+_PLANS: dict = {}  # (factor pointers, bits, counts, group size) -> that delta's descriptor block as a ctypes array
+_PLANS_MAX = 65536
+
+
+def _plan(tensors, bits, counts, group_size: int) -> ctypes.Array:
+    """`dc_delta1`'s factor descriptor for these tensors, built once per (addresses, layout): only
+    addresses and numbers, so it stays right for whatever tensor of this layout lives there (the caller
+    checks dtypes and contiguity on every call, `supported_tensors`)."""
+    ptrs = tuple(t.data_ptr() for t in tensors)
+    key = (ptrs, tuple(bits), tuple(counts), group_size)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        plan = _PLANS[key] = _i64([group_size, len(bits), *ptrs, *bits, *counts])
+    return plan
+
+
 def _call(desc: list) -> None:
     if library().dc_delta(_i64(desc)):
         raise MemoryError("deltacome_ao CPU kernel: out of memory")
@@ -265,9 +285,10 @@ def _term(x2, tensors, bits, counts, group_size, out_features, y=None):
         _blockwise(x2, PackedFactors(*tensors, bits=bits, counts=counts, group_size=group_size,
                                      out_features=out_features, in_features=in_features), y)
         return y
-    _call([1, in_features, out_features, _threads(m * rank * (in_features + out_features)),
-           x2.data_ptr(), x2.stride(0), y.data_ptr(), y.stride(0), 0,
-           *_delta_block(m, tensors, bits, counts, group_size)])
+    if library().dc_delta1(_plan(tensors, bits, counts, group_size), m, in_features, out_features,
+                           _threads(m * rank * (in_features + out_features)), x2.data_ptr(), x2.stride(0),
+                           y.data_ptr(), y.stride(0)):
+        raise MemoryError("deltacome_ao CPU kernel: out of memory")
     return y
 
 

@@ -519,6 +519,24 @@ int dc_delta(const int64_t *desc) {
     return rc;
 }
 
+/* One delta on contiguous token rows 0..m-1 of x / y, its factors described once by `fdesc` (a
+ * delta's block of dc_delta's descriptor without its leading m: group_size, nbands, the 7 pointers,
+ * bits[nbands], counts[nbands]), so that a caller can keep that part and pass only what changes per
+ * call as plain arguments. Returns 0, or 1 when out of memory. */
+int dc_delta1(const int64_t *fdesc, int64_t m, int64_t in_f, int64_t out_f, int nthreads, const float *x,
+              int64_t x_ld, float *y, int64_t y_ld) {
+    const int64_t flen = 9 + 2 * fdesc[1];
+    int64_t *desc = malloc(sizeof(int64_t) * (10 + flen));
+    if (!desc) return 1;
+    desc[0] = 1; desc[1] = in_f; desc[2] = out_f; desc[3] = nthreads;
+    desc[4] = (int64_t)(intptr_t)x; desc[5] = x_ld; desc[6] = (int64_t)(intptr_t)y; desc[7] = y_ld; desc[8] = 0;
+    desc[9] = m;
+    memcpy(desc + 10, fdesc, sizeof(int64_t) * flen);
+    int rc = dc_delta(desc);
+    free(desc);
+    return rc;
+}
+
 /* one row of a quantized band, dequantized: o[p] = (code_p − zero) · scale for p < L */
 INLINE void deq_row(const int BITS, const uint8_t *const *sh, const uint16_t *sc_row, const uint8_t *z_row,
                     const seg_t *segs, int64_t nseg, int64_t P8, float *o) {
