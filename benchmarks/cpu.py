@@ -25,6 +25,9 @@ variants of a row timed round-robin so that load changes hit them alike):
   batch 8, 1 / 2 / 4 / 8 distinct deltas (random factors as in `linear`), against plain
   `nn.Linear`s, and one compressed `F.linear` per projection (a single delta: the model-level
   ratio at 7B shapes).
+* `svd`: the SVD choice on the zoo's real deltas (`assets/pairs`, every projection, the rank the
+  paper schedule keeps at alpha 1/16): relative Frobenius error of the rank-k truncation and seconds,
+  for exact SVD and `torch.svd_lowrank` with 4 (the current "randomized") and 1 power iterations.
 
 Results: benchmarks/results/cpu.json (or `--out`), with the load average before and after every
 section; `--smoke` writes to `$TMPDIR/deltacome-benchmarks/cpu.json` (numbers meaningless).
@@ -52,7 +55,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-SECTIONS = ("linear", "model", "multi", "layer")
+SECTIONS = ("linear", "model", "multi", "layer", "svd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAYER_7B = {"q": (4096, 4096), "k": (4096, 4096), "v": (4096, 4096), "o": (4096, 4096),
             "gate": (11008, 4096), "up": (11008, 4096), "down": (4096, 11008)}
@@ -290,6 +293,40 @@ def layer_rows(args) -> list:
     return rows
 
 
+def svd_rows(args) -> list:
+    """Truncation error ‖Δ − U_k S_k V_kᵀ‖_F / ‖Δ‖_F of each SVD method on the zoo's real deltas."""
+    from deltacome_ao.allocate import PAPER_SCHEDULE, allocate
+    from deltacome_ao.decompose import delta_svd, weight_delta
+    from deltacome_ao.evaluation.pairs import load_pair
+
+    methods = {"exact": dict(method="exact"), "randomized-4": dict(method="randomized", power_iters=4),
+               "randomized-1": dict(method="randomized", power_iters=1)}
+    rows = []
+    for name in (["llama-arith"] if args.smoke else ["llama-arith", "llama-code", "llama-json", "mistral-code",
+                                                      "qwen2-json"]):
+        base, ft = load_pair(name)
+        base_w = dict(base.named_modules())
+        layers = [(n, m) for n, m in ft.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith("proj")]
+        for lname, mod in layers[:2] if args.smoke else layers:
+            d = weight_delta(mod.weight, base_w[lname].weight, lname)
+            k = sum(b.count for b in allocate(*d.shape, 1 / 16, PAPER_SCHEDULE, 128))
+            norm = d.norm()
+            row = dict(pair=name, layer=lname, shape=list(d.shape), rank=k, err={}, seconds={})
+            for mname, kw in methods.items():
+                t0 = time.perf_counter()
+                r = delta_svd(d, k, **kw)
+                row["seconds"][mname] = round(time.perf_counter() - t0, 4)
+                row["err"][mname] = ((d - (r.U * r.S) @ r.Vh).norm() / norm).item()
+            rows.append(row)
+    summary = {}
+    for mname in methods:
+        rel = [r["err"][mname] / max(r["err"]["exact"], 1e-30) - 1 for r in rows]
+        summary[mname] = dict(mean_excess_error=statistics.mean(rel) if rel else 0.0, max_excess_error=max(rel, default=0.0),
+                              seconds=round(sum(r["seconds"][mname] for r in rows), 3))
+    print(json.dumps(summary), file=sys.stderr)
+    return [dict(summary=summary, layers=rows)]
+
+
 # --- output ----------------------------------------------------------------------------------------
 
 
@@ -322,6 +359,12 @@ def markdown(doc) -> str:
             other = r["ms"].get("multi", r["ms"].get("compressed"))
             out.append(f'| {r["kind"]} | {r["batch"]} | {r["deltas"]} | {r["ms"]["base"]:.2f} | {other:.2f} | '
                        f'{r["ratio"]:.2f}× |')
+    if doc.get("svd"):
+        out += ["", "| SVD on the zoo's deltas (alpha 1/16 ranks) | mean excess error vs exact | max | seconds |",
+                "|---|---:|---:|---:|"]
+        for mname, v in doc["svd"][0]["summary"].items():
+            out.append(f'| {mname} | {100 * v["mean_excess_error"]:.3f} % | {100 * v["max_excess_error"]:.3f} % | '
+                       f'{v["seconds"]:.2f} |')
     return "\n".join(out)
 
 
@@ -357,7 +400,7 @@ def main(argv=None):
     doc = dict(torch=torch.__version__, machine=platform.machine(), processor=platform.processor(),
                cpus=os.cpu_count(), threads=torch.get_num_threads(), reps=args.reps, smoke=args.smoke,
                started=time.strftime("%Y-%m-%d %H:%M:%S"), load_start=load())
-    fns = {"linear": linear_rows, "model": model_rows, "multi": multi_rows, "layer": layer_rows}
+    fns = {"linear": linear_rows, "model": model_rows, "multi": multi_rows, "layer": layer_rows, "svd": svd_rows}
     for s in sections:
         t0 = time.time()
         doc[s] = fns[s](args)
