@@ -188,6 +188,8 @@ def check_cpu(tmp, stdout):
     assert [r["deltas"] for r in doc["multi"]] == [1, 2] and all(finite(r["ratio"]) for r in doc["multi"])
     assert [(r["kind"], r["deltas"]) for r in doc["layer"]] == [("one delta, 1 token", 1), ("multi-delta", 1),
                                                                  ("multi-delta", 2)]
+    summary = doc["svd"][0]["summary"]
+    assert set(summary) == {"exact", "randomized-4", "randomized-1"} and summary["exact"]["max_excess_error"] == 0
     assert "| model | base ms/token |" in stdout
 
 

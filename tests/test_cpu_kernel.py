@@ -350,3 +350,17 @@ def test_without_a_compiler_the_reference_path_runs_with_one_warning(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "AVAILABLE False" in r.stdout
     assert r.stderr.count("the CPU kernel could not be built") == 1
+
+
+def test_inconsistent_factors_are_refused_not_read_past():
+    f = factors(40, 24, BAND_SETS["paper"], 8)
+    base = torch.randn(40, 24)
+    x = torch.randn(1, 24)
+    args = list(f.op_args())
+    args[0] = args[0][:-3].clone()  # v_packed 3 bytes short of what the bands need
+    with pytest.raises(ValueError, match="v_packed"):
+        K.delta_linear_cpu(x, base, *args)
+    args = list(f.op_args())
+    args[7] = [8, 3, 12]  # no such bit width
+    with pytest.raises(ValueError, match="inconsistent"):
+        K.delta_linear_cpu(x, base, *args)

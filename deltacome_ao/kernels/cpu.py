@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -213,23 +214,38 @@ def supported(f: PackedFactors) -> bool:
     return supported_tensors(f.tensors().values())
 
 
-def _delta_block(m: int, tensors, bits, counts, group_size: int) -> list:
-    """One delta's part of `dc_delta`'s descriptor (see cpu_kernel.c)."""
-    return [m, group_size, len(bits), *(t.data_ptr() for t in tensors), *bits, *counts]
+def _delta_block(m: int, tensors, bits, counts, group_size: int, in_features: int, out_features: int) -> list:
+    """One delta's part of `dc_delta`'s descriptor (see cpu_kernel.c), its sizes checked (`_plan`)."""
+    return [m, *_plan(tensors, bits, counts, group_size, in_features, out_features)]
 
 
+_BITS = frozenset((1, 2, 3, 4, 5, 6, 7, 8, 16))  # the bit-widths cpu_kernel.c reads
 _PLANS: dict = {}  # (factor pointers, bits, counts, group size) -> that delta's descriptor block as a ctypes array
 _PLANS_MAX = 65536
 
 
-def _plan(tensors, bits, counts, group_size: int) -> ctypes.Array:
-    """`dc_delta1`'s factor descriptor for these tensors, built once per (addresses, layout): only
+def _plan(tensors, bits, counts, group_size: int, in_features: int, out_features: int) -> ctypes.Array:
+    """`dc_delta1`'s factor descriptor for these tensors, built once per (addresses, sizes, layout): only
     addresses and numbers, so it stays right for whatever tensor of this layout lives there (the caller
-    checks dtypes and contiguity on every call, `supported_tensors`)."""
+    checks dtypes and contiguity on every call, `supported_tensors`). Building it checks the bands and
+    that every tensor has exactly the size they imply (ValueError otherwise): the kernel never reads
+    past a buffer."""
     ptrs = tuple(t.data_ptr() for t in tensors)
-    key = (ptrs, tuple(bits), tuple(counts), group_size)
+    key = (ptrs, tuple(t.numel() for t in tensors), tuple(bits), tuple(counts), group_size, in_features, out_features)
     plan = _PLANS.get(key)
     if plan is None:
+        why = None
+        if (len(bits) != len(counts) or any(b not in _BITS for b in bits) or any(c < 0 for c in counts)
+                or group_size < 1):
+            why = f"bad bands {list(zip(bits, counts))} or group size {group_size}"
+        if why is None:
+            layout = PackedFactors.layout(bits, counts, group_size, out_features, in_features)
+            for t, (name, (shape, _)) in zip(tensors, layout.items()):
+                if t.numel() != math.prod(shape):
+                    why = f"{name} has {t.numel()} elements, the bands need {math.prod(shape)}"
+                    break
+        if why is not None:
+            raise ValueError(f"deltacome_ao CPU kernel: inconsistent packed factors: {why}")
         if len(_PLANS) >= _PLANS_MAX:
             _PLANS.clear()
         plan = _PLANS[key] = _i64([group_size, len(bits), *ptrs, *bits, *counts])
@@ -285,7 +301,7 @@ def _term(x2, tensors, bits, counts, group_size, out_features, y=None):
         _blockwise(x2, PackedFactors(*tensors, bits=bits, counts=counts, group_size=group_size,
                                      out_features=out_features, in_features=in_features), y)
         return y
-    if library().dc_delta1(_plan(tensors, bits, counts, group_size), m, in_features, out_features,
+    if library().dc_delta1(_plan(tensors, bits, counts, group_size, in_features, out_features), m, in_features, out_features,
                            _threads(m * rank * (in_features + out_features)), x2.data_ptr(), x2.stride(0),
                            y.data_ptr(), y.stride(0)):
         raise MemoryError("deltacome_ao CPU kernel: out of memory")
@@ -311,7 +327,8 @@ def segmented_term(x2: torch.Tensor, y2: torch.Tensor, groups) -> torch.Tensor:
             y2.index_add_(0, rows, delta_term(x2.index_select(0, rows), f))
             continue
         fused.append(rows)
-        desc += _delta_block(rows.numel(), f.tensors().values(), f.bits, f.counts, f.group_size)
+        desc += _delta_block(rows.numel(), tuple(f.tensors().values()), f.bits, f.counts, f.group_size,
+                             f.in_features, f.out_features)
         macs += rows.numel() * f.rank * (f.in_features + f.out_features)
     if not fused:
         return y2
@@ -396,7 +413,7 @@ def segmented_delta_linear_cpu(y, x, rows, tensors, bits, counts, nbands, group_
             y2.index_add_(0, r, delta_term(x2.index_select(0, r), f))
             continue
         fused.append(r)
-        desc += _delta_block(m, t, bits_i, counts_i, group_sizes[i])
+        desc += _delta_block(m, t, bits_i, counts_i, group_sizes[i], in_features, out_features)
         macs += m * rank * (in_features + out_features)
     if fused:
         r = (torch.cat(fused) if len(fused) > 1 else fused[0]).to(torch.int64).contiguous()
