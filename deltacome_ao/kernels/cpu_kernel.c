@@ -204,6 +204,38 @@ INLINE int code1(const int BITS, const uint8_t *const *sh, int64_t c, int q, int
     return code;
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define HAVE_MASKED 1
+/* n < 16 bytes, zero-extended to 16 int32 lanes (lanes n.. are 0); reads only those n bytes */
+INLINE vi load_b_n(const uint8_t *p, int n) {
+    __m512i r = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8((__mmask16)((1u << n) - 1), p));
+    vi v; memcpy(&v, &r, sizeof v); return v;
+}
+INLINE vf load_f_n(const float *p, int n) {
+    __m512 r = _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p);
+    vf v; memcpy(&v, &r, sizeof v); return v;
+}
+INLINE void store_f_n(float *p, vf v, int n) {
+    __m512 r; memcpy(&r, &v, sizeof r);
+    _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), r);
+}
+/* the n < 16 codes at (c .. c+n-1, q), as codes16 */
+INLINE vi codes_n(const int BITS, const uint8_t *const *sh, int64_t c, int q, int64_t P8, int n) {
+    if (BITS == 8) return load_b_n(sh[0] + c + q * P8, n);
+    vi code = {0};
+    int rel = 0;
+    for (int k = 0; k < NSH[BITS]; k++) {
+        const int w = NUMBITS[BITS][k];
+        vi v = load_b_n(sh[k] + c + (q % w) * P8, n);
+        code |= ((v >> ((q / w) * w)) & ((1 << w) - 1)) << rel;
+        rel += w;
+    }
+    return code;
+}
+#else
+#define HAVE_MASKED 0
+#endif
+
 /* --- V pass: t[m][j] for the rows of one band ------------------------------------------------------ */
 
 typedef struct {
@@ -238,10 +270,18 @@ INLINE void vrows_q(const int BITS, const int MBC, const band_t *b, const side_t
                 vf v = __builtin_convertvector(codes16(BITS, sh, c, q, P8) - z, vf);
                 for (int m = 0; m < MBC; m++) part[m] += v * load_f(xr[m] + q * P8 + c);
             }
+#if HAVE_MASKED
+            if (c < sg->c1) { /* the last n < 16 positions: one masked vector (x lanes beyond are 0) */
+                const int n = (int)(sg->c1 - c);
+                vf v = __builtin_convertvector(codes_n(BITS, sh, c, q, P8, n) - z, vf);
+                for (int m = 0; m < MBC; m++) part[m] += v * load_f_n(xr[m] + q * P8 + c, n);
+            }
+#else
             for (; c < sg->c1; c++) {
                 float v = (float)(code1(BITS, sh, c, q, P8) - zs);
                 for (int m = 0; m < MBC; m++) pt[m] += v * xr[m][q * P8 + c];
             }
+#endif
             for (int m = 0; m < MBC; m++) { acc[m] += part[m] * sc; tail[m] += pt[m] * sc; }
         }
         const int64_t j = b->row0 + jl;
@@ -325,10 +365,21 @@ INLINE void urows_q(const int BITS, const int MBC, const band_t *b, const side_t
                     store_f(py, load_f(py) + v * a[m]);
                 }
             }
+#if HAVE_MASKED
+            if (c < sg->c1) { /* the last n < 16 positions: one masked vector, only n lanes stored */
+                const int n = (int)(sg->c1 - c);
+                vf v = __builtin_convertvector(codes_n(BITS, sh, c, q, P8, n) - z, vf);
+                for (int m = 0; m < MBC; m++) {
+                    float *py = yr[m] + q * P8 + c;
+                    store_f_n(py, load_f_n(py, n) + v * a[m], n);
+                }
+            }
+#else
             for (; c < sg->c1; c++) {
                 float v = (float)(code1(BITS, sh, c, q, P8) - zs);
                 for (int m = 0; m < MBC; m++) yr[m][q * P8 + c] += v * a[m];
             }
+#endif
         }
     }
 }
