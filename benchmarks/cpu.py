@@ -27,7 +27,8 @@ variants of a row timed round-robin so that load changes hit them alike):
   ratio at 7B shapes).
 * `svd`: the SVD choice on the zoo's real deltas (`assets/pairs`, every projection, the rank the
   paper schedule keeps at alpha 1/16): relative Frobenius error of the rank-k truncation and seconds,
-  for exact SVD and `torch.svd_lowrank` with 4 (the current "randomized") and 1 power iterations.
+  for exact SVD and `torch.svd_lowrank` with 4 (the current "randomized"), 2 and 1 power iterations.
+* `svd7b`: seconds of the same methods at Llama-7B shapes (4096², 11008×4096, 4096×11008).
 
 Results: benchmarks/results/cpu.json (or `--out`), with the load average before and after every
 section; `--smoke` writes to `$TMPDIR/deltacome-benchmarks/cpu.json` (numbers meaningless).
@@ -55,7 +56,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-SECTIONS = ("linear", "model", "multi", "layer", "svd")
+SECTIONS = ("linear", "model", "multi", "layer", "svd", "svd7b")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAYER_7B = {"q": (4096, 4096), "k": (4096, 4096), "v": (4096, 4096), "o": (4096, 4096),
             "gate": (11008, 4096), "up": (11008, 4096), "down": (4096, 11008)}
@@ -293,14 +294,51 @@ def layer_rows(args) -> list:
     return rows
 
 
+SVD_METHODS = {"exact": dict(method="exact"), "randomized-4": dict(method="randomized", power_iters=4),
+               "randomized-2": dict(method="randomized", power_iters=2),
+               "randomized-1": dict(method="randomized", power_iters=1)}
+
+
+def svd7b_rows(args) -> list:
+    """Seconds of each SVD method at Llama-7B shapes (rank of the paper schedule at alpha 1/16); the
+    values are a random low-rank-plus-noise matrix (time does not depend on them)."""
+    from deltacome_ao.allocate import PAPER_SCHEDULE, allocate
+    from deltacome_ao.decompose import delta_svd
+
+    rows = []
+    for out_f, in_f in ([(72, 136), (136, 72)] if args.smoke else [(4096, 4096), (11008, 4096), (4096, 11008)]):
+        g = torch.Generator().manual_seed(3)
+        k = sum(b.count for b in allocate(out_f, in_f, 1 / 16, PAPER_SCHEDULE, 128))
+        d = (torch.randn(out_f, 64, generator=g) @ torch.randn(64, in_f, generator=g)
+             + 0.1 * torch.randn(out_f, in_f, generator=g))
+        row = dict(shape=[out_f, in_f], rank=k, seconds={})
+        for mname, kw in {**SVD_METHODS, "auto (default)": {}}.items():
+            t0 = time.perf_counter()
+            delta_svd(d, k, **kw)
+            row["seconds"][mname] = round(time.perf_counter() - t0, 3)
+        if out_f < in_f:  # what exact SVD did before on a wide matrix (no transpose)
+            t0 = time.perf_counter()
+            torch.linalg.svd(d, full_matrices=False)
+            row["seconds"]["exact, not transposed"] = round(time.perf_counter() - t0, 3)
+        row["load"] = load()
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+    if not args.smoke:  # one Llama-7B decoder layer: q, k, v, o 4096², gate, up 11008×4096, down 4096×11008
+        sq, tall, wide = (r["seconds"] for r in rows)
+        before = 4 * sq["randomized-4"] + 2 * tall["exact"] + wide["exact, not transposed"]  # the old "auto"
+        now = 4 * sq["auto (default)"] + 2 * tall["auto (default)"] + wide["auto (default)"]
+        rows.append(dict(layer_7b_seconds={"before (auto: randomized-4 / exact)": round(before, 2),
+                                           "now (auto)": round(now, 2)}, speedup=round(before / now, 2)))
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
+
+
 def svd_rows(args) -> list:
     """Truncation error ‖Δ − U_k S_k V_kᵀ‖_F / ‖Δ‖_F of each SVD method on the zoo's real deltas."""
     from deltacome_ao.allocate import PAPER_SCHEDULE, allocate
     from deltacome_ao.decompose import delta_svd, weight_delta
     from deltacome_ao.evaluation.pairs import load_pair
 
-    methods = {"exact": dict(method="exact"), "randomized-4": dict(method="randomized", power_iters=4),
-               "randomized-1": dict(method="randomized", power_iters=1)}
     rows = []
     for name in (["llama-arith"] if args.smoke else ["llama-arith", "llama-code", "llama-json", "mistral-code",
                                                       "qwen2-json"]):
@@ -312,14 +350,14 @@ def svd_rows(args) -> list:
             k = sum(b.count for b in allocate(*d.shape, 1 / 16, PAPER_SCHEDULE, 128))
             norm = d.norm()
             row = dict(pair=name, layer=lname, shape=list(d.shape), rank=k, err={}, seconds={})
-            for mname, kw in methods.items():
+            for mname, kw in SVD_METHODS.items():
                 t0 = time.perf_counter()
                 r = delta_svd(d, k, **kw)
                 row["seconds"][mname] = round(time.perf_counter() - t0, 4)
                 row["err"][mname] = ((d - (r.U * r.S) @ r.Vh).norm() / norm).item()
             rows.append(row)
     summary = {}
-    for mname in methods:
+    for mname in SVD_METHODS:
         rel = [r["err"][mname] / max(r["err"]["exact"], 1e-30) - 1 for r in rows]
         summary[mname] = dict(mean_excess_error=statistics.mean(rel) if rel else 0.0, max_excess_error=max(rel, default=0.0),
                               seconds=round(sum(r["seconds"][mname] for r in rows), 3))
@@ -365,6 +403,15 @@ def markdown(doc) -> str:
         for mname, v in doc["svd"][0]["summary"].items():
             out.append(f'| {mname} | {100 * v["mean_excess_error"]:.3f} % | {100 * v["max_excess_error"]:.3f} % | '
                        f'{v["seconds"]:.2f} |')
+    if doc.get("svd7b"):
+        names = list(doc["svd7b"][0]["seconds"])
+        out += ["", "| 7B shape | rank | " + " | ".join(f"{n} s" for n in names) + " |", "|---|---:|" + "---:|" * len(names)]
+        for r in doc["svd7b"]:
+            if "shape" not in r:
+                out.append(f'| one 7B layer (7 matrices), s | | {r["layer_7b_seconds"]} | speedup {r["speedup"]}× |')
+                continue
+            out.append(f'| {r["shape"][0]}×{r["shape"][1]} | {r["rank"]} | '
+                       + " | ".join(f'{r["seconds"].get(n, float("nan")):.2f}' for n in names) + " |")
     return "\n".join(out)
 
 
@@ -400,7 +447,8 @@ def main(argv=None):
     doc = dict(torch=torch.__version__, machine=platform.machine(), processor=platform.processor(),
                cpus=os.cpu_count(), threads=torch.get_num_threads(), reps=args.reps, smoke=args.smoke,
                started=time.strftime("%Y-%m-%d %H:%M:%S"), load_start=load())
-    fns = {"linear": linear_rows, "model": model_rows, "multi": multi_rows, "layer": layer_rows, "svd": svd_rows}
+    fns = {"linear": linear_rows, "model": model_rows, "multi": multi_rows, "layer": layer_rows, "svd": svd_rows,
+           "svd7b": svd7b_rows}
     for s in sections:
         t0 = time.time()
         doc[s] = fns[s](args)

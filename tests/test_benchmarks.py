@@ -189,7 +189,8 @@ def check_cpu(tmp, stdout):
     assert [(r["kind"], r["deltas"]) for r in doc["layer"]] == [("one delta, 1 token", 1), ("multi-delta", 1),
                                                                  ("multi-delta", 2)]
     summary = doc["svd"][0]["summary"]
-    assert set(summary) == {"exact", "randomized-4", "randomized-1"} and summary["exact"]["max_excess_error"] == 0
+    assert set(summary) == {"exact", "randomized-4", "randomized-2", "randomized-1"} and summary["exact"]["max_excess_error"] == 0
+    assert [r["shape"] for r in doc["svd7b"]] == [[72, 136], [136, 72]] and all(finite(*r["seconds"].values()) for r in doc["svd7b"])
     assert "| model | base ms/token |" in stdout
 
 
