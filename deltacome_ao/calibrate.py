@@ -221,32 +221,58 @@ def calibrated_weights(root: nn.Module, targets, config, compress_layer) -> dict
 
 
 def _layer_hessians(layer: nn.Module, group, records, index: int) -> dict:
-    """{id(linear): Σ xᵀx / N} over all calibration tokens, running `layer` with its own weights."""
-    sums = {}
+    """{id(linear): Σ xᵀx / N} over all calibration tokens, running `layer` with its own weights.
+
+    Modules that read the very same input tensor (q/k/v of an attention block, gate/up of an MLP) share
+    one accumulation and get the same Hessian tensor (so `gptq.prepare_hessian` factors it once): the
+    sharing is decided on the first record and must hold on every record (else RuntimeError)."""
+    sums = {}  # id(module) -> [Σ xᵀx, token count, modules served], one list per distinct input
+    seen = {}  # this record: id(input tensor) -> (the tensor, kept alive so no id is reused; its accumulator)
+    added = {}  # this record: id(accumulator) -> the input tensor added to it
 
     def make_hook(module):
         def hook(mod, args, out):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            inp = args[0]
             acc = sums.get(id(module))
             if acc is None:
-                acc = sums[id(module)] = [torch.zeros(x.shape[1], x.shape[1], device=x.device), 0]
+                hit = seen.get(id(inp))
+                if hit is not None and hit[0] is inp:  # the same tensor another module just read: share
+                    sums[id(module)] = hit[1]
+                    hit[1][2] += 1
+                    return
+            elif acc[2] > 1 and id(acc) in added:
+                if added[id(acc)] is inp:
+                    return  # added already, through a module reading the same tensor
+                raise RuntimeError(f"{mod.__class__.__name__}: its calibration input, the same tensor as another "
+                                   "module's on the first sample, differs on a later one; cannot share its Hessian")
+            x = inp.detach().reshape(-1, inp.shape[-1]).float()
+            if acc is None:
+                acc = sums[id(module)] = [torch.zeros(x.shape[1], x.shape[1], device=x.device), 0, 1]
             acc[0].addmm_(x.T, x)
             acc[1] += x.shape[0]
+            seen[id(inp)] = (inp, acc)
+            added[id(acc)] = inp
 
         return hook
 
     handles = [target.module.register_forward_hook(make_hook(target.module)) for _, target in group]
     try:
         for hidden, rest, kwargs in records:
+            seen.clear()
+            added.clear()
             layer(hidden, *rest, **kwargs[index])
     finally:
+        seen.clear()
+        added.clear()
         for h in handles:
             h.remove()
-    out = {}
+    out, done = {}, {}
     for _, target in group:
         module = target.module
         if id(module) not in sums:
             raise RuntimeError(f"{target.name or 'module'} never ran during calibration; cannot compute its Hessian")
-        total, count = sums[id(module)]
-        out[id(module)] = total / max(count, 1)
+        acc = sums[id(module)]
+        if id(acc) not in done:
+            done[id(acc)] = acc[0] / max(acc[1], 1)
+        out[id(module)] = done[id(acc)]
     return out

@@ -30,6 +30,8 @@ import math
 from typing import Any, Mapping, Optional
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.utils._python_dispatch import return_and_correct_aliasing
 from torchao.utils import TorchAOBaseTensor
 
@@ -60,9 +62,14 @@ def parse_dtype(name: Any, where: str = "") -> torch.dtype:
     return _DTYPES[name]
 
 
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter, FakeTensor, FunctionalTensor)
+
+
 def is_plain(t: torch.Tensor) -> bool:
-    """A plain tensor or parameter (not a tensor subclass such as a quantized base)."""
-    return type(t) in (torch.Tensor, torch.nn.Parameter)
+    """A plain tensor or parameter (not a tensor subclass such as a quantized base). Under
+    `torch.compile` a plain tensor is traced as a FakeTensor / FunctionalTensor: plain too, so eager and
+    compiled code take the same path (the same op, the same rounding)."""
+    return type(t) in _PLAIN_TYPES
 
 
 def _is_int(v) -> bool:

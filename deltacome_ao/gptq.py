@@ -21,6 +21,7 @@ parameters follow torchao's asymmetric mapping (the range always contains 0).
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -84,13 +85,37 @@ def _fake_quant(w, scale, zero, qmax):
     return q, (q - zero) * scale
 
 
+_PREPARED: list = []  # [(weakref to H, H._version, damp, act_order, (U, perm))], newest last
+_PREPARED_MAX = 2  # an 11008² factor is 485 MB: keep the last two Hessians only
+
+
 def prepare_hessian(H: torch.Tensor, damp: float = 0.01, act_order: bool = False, order=None):
     """(upper Cholesky factor of the inverse of the damped, permuted H, permutation).
 
     Inputs that never fired (zero diagonal) get a unit diagonal, so their weights are rounded
     without moving error. `damp` is a fraction of the mean diagonal added to it; on a failed
     factorisation the damping grows tenfold (up to 4 times).
+
+    Without `order`, the result for the very same H tensor (same object, unchanged since) and
+    settings is computed once and reused (read-only): the optimal allocation's GPTQ measurements,
+    the final GPTQ of V̂, and the layers that share one input Hessian (q/k/v, gate/up) all prepare
+    the same H.
     """
+    if order is not None:
+        return _prepare_hessian(H, damp, act_order, order)
+    for ref, version, d, a, result in _PREPARED:
+        if ref() is H and version == H._version and d == damp and a == act_order:
+            return result
+    result = _prepare_hessian(H, damp, act_order, None)
+    try:
+        entry = (weakref.ref(H), H._version, damp, act_order, result)
+    except TypeError:  # no weak reference to this tensor: nothing kept
+        return result
+    _PREPARED[:] = [e for e in _PREPARED if e[0]() is not None][-(_PREPARED_MAX - 1):] + [entry]
+    return result
+
+
+def _prepare_hessian(H: torch.Tensor, damp: float, act_order: bool, order):
     H = H.detach().float().clone()
     if not torch.isfinite(H).all():
         raise ValueError("the Hessian contains NaN or Inf values (calibration activations overflowed?)")

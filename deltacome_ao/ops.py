@@ -21,6 +21,7 @@ import torch
 from .factors import TENSOR_NAMES, PackedFactors, low_rank_term
 
 __all__ = ["delta_linear", "delta_only_linear", "delta_linear_reference", "segmented_delta_linear",
+           "register_kernel", "direct_kernel",
            "grouped_delta_linear", "grouped_delta_linear_reference", "expert_major",
            "segmented_delta", "segmented_reference", "segmented_delta_linear_reference", "unflatten_segments", "low_rank_term"]
 
@@ -151,11 +152,42 @@ def segmented_delta(y: torch.Tensor, x: torch.Tensor, groups) -> torch.Tensor:
         return y
     tensors, bits, counts = [], [], []
     for _, f in groups:
-        tensors += list(f.tensors().values())
-        bits += list(f.bits)
-        counts += list(f.counts)
-    return segmented_delta_linear(y, x, [r for r, _ in groups], tensors, bits, counts,
-                                  [len(f.bits) for _, f in groups], [f.group_size for _, f in groups])
+        tensors += (f.v_packed, f.v_scale, f.v_zero, f.u_packed, f.u_scale, f.u_zero, f.s)
+        bits += f.bits
+        counts += f.counts
+    op = direct_kernel(segmented_delta_linear, x) or segmented_delta_linear
+    return op(y, x, [r for r, _ in groups], tensors, bits, counts,
+              [len(f.bits) for _, f in groups], [f.group_size for _, f in groups])
+
+
+# --- eager calls without the dispatcher --------------------------------------------------------------
+
+_DIRECT: dict = {}  # (id(op), device type) -> (implementation, what the op held for it once registered)
+
+
+def register_kernel(op, device_type: str, fn) -> None:
+    """`op.register_kernel(device_type)(fn)`, remembering `fn` so that eager calls on that device may run
+    it directly (`direct_kernel`). A later registration by anyone else switches the shortcut off."""
+    op.register_kernel(device_type)(fn)
+    held = getattr(op, "_backend_fns", {}).get(device_type)
+    _DIRECT[(id(op), device_type)] = (fn, held)
+
+
+def direct_kernel(op, x: torch.Tensor):
+    """The implementation `register_kernel` gave `op` for `x`'s device when eager code may call it
+    without the dispatcher, else None (call `op`). A Python custom op costs ~20-30 µs a call in the
+    dispatcher (autograd wrapper, aliasing checks), as much as a small layer's whole delta term on CPU;
+    the shortcut applies only outside `torch.compile` tracing, for a plain tensor that needs no gradient,
+    and while that implementation is still the one the op holds (and not disabled)."""
+    entry = _DIRECT.get((id(op), x.device.type))
+    if entry is None or type(x) is not torch.Tensor or (x.requires_grad and torch.is_grad_enabled()):
+        return None
+    fn, held = entry
+    if held is None or getattr(op, "_backend_fns", {}).get(x.device.type) is not held:
+        return None
+    if x.device.type in getattr(op, "_disabled_kernel", ()) or torch.compiler.is_compiling():
+        return None
+    return fn
 
 
 # --- 0.1 names, kept importable for one release ------------------------------------------------------

@@ -187,10 +187,28 @@ def check_lora_import(tmp, stdout):
     assert rows["LoRA adapter (PEFT)"]["accuracy"] == 1.0
 
 
+def check_cpu(tmp, stdout):
+    doc = load(tmp, "cpu.json")
+    assert doc["smoke"] and len(doc["linear"]) == 8  # 2 shapes x 2 dtypes x 2 token counts
+    for r in doc["linear"]:
+        assert set(r["ms"]) == {"base", "merged", "compressed", "reference"} and finite(*r["ms"].values()), r
+        assert r["max_rel_diff_vs_reference"] < (1e-5 if r["dtype"] == "fp32" else 1e-2), r  # the kernel's answer
+    (model,) = doc["model"]
+    assert set(model["ms_per_token"]) == {"base", "finetuned", "compressed"} and finite(*model["ms_per_token"].values())
+    assert [r["deltas"] for r in doc["multi"]] == [1, 2] and all(finite(r["ratio"]) for r in doc["multi"])
+    assert [(r["kind"], r["deltas"]) for r in doc["layer"]] == [("one delta, 1 token", 1), ("multi-delta", 1),
+                                                                 ("multi-delta", 2)]
+    summary = doc["svd"][0]["summary"]
+    assert set(summary) == {"exact", "randomized-4", "randomized-2", "randomized-1"} and summary["exact"]["max_excess_error"] == 0
+    assert [r["shape"] for r in doc["svd7b"]] == [[72, 136], [136, 72]] and all(finite(*r["seconds"].values()) for r in doc["svd7b"])
+    assert "| model | base ms/token |" in stdout
+
+
 # script, arguments, extra environment (None: remove the variable), check
 CASES = {
     "architectures": ("architectures.py", ["--smoke"], {}, check_architectures),
     "compressed_base": ("compressed_base.py", ["--quick"], {}, check_compressed_base),
+    "cpu": ("cpu.py", ["--smoke"], {}, check_cpu),
     "kernels-smoke": ("kernels.py", ["--smoke"], {"TRITON_INTERPRET": "1"}, check_kernels_smoke),
     "kernels-aot": ("kernels.py", ["--aot", "--shapes", "136x200", "--tokens", "1,17"], {"TRITON_INTERPRET": None},
                     check_kernels_aot),

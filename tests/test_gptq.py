@@ -232,3 +232,56 @@ def test_calibration_config_validation(pair):
     linear = torch.nn.Linear(64, 64)
     with pytest.raises(ValueError, match="decoder layers"):
         quantize_(copy.deepcopy(linear), DeltaCoMeConfig(base=linear.state_dict(), calibration=[ids(0, 1, length=32)], progress=False))
+
+
+# --- shared Hessians -------------------------------------------------------------------------------
+
+
+def test_prepare_hessian_is_computed_once_per_hessian():
+    from deltacome_ao.gptq import prepare_hessian
+
+    x = torch.randn(64, 12, generator=torch.Generator().manual_seed(0))
+    H = x.T @ x / 64
+    first = prepare_hessian(H, 0.01, True)
+    assert prepare_hessian(H, 0.01, True) is first  # the same tensor, unchanged: reused
+    again = prepare_hessian(H.clone(), 0.01, True)  # another tensor: computed, same values
+    assert again is not first and torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+    assert prepare_hessian(H, 0.1, True) is not first  # other settings
+    H.mul_(2)  # changed in place: computed again
+    changed = prepare_hessian(H, 0.01, True)
+    assert changed is not first and not torch.equal(changed[0], first[0])
+
+
+def test_modules_reading_one_input_share_one_hessian():
+    from types import SimpleNamespace
+
+    from deltacome_ao.calibrate import _layer_hessians
+
+    class Block(torch.nn.Module):
+        def __init__(self, fresh_k=False):
+            super().__init__()
+            self.q, self.k, self.o = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4), torch.nn.Linear(4, 8)
+            self.fresh_k, self.calls = fresh_k, 0
+
+        def forward(self, h):
+            self.calls += 1
+            hk = h.clone() if self.fresh_k and self.calls > 1 else h
+            return self.o(self.q(h) + self.k(hk))
+
+    g = torch.Generator().manual_seed(0)
+    records = [[torch.randn(3, 5, 8, generator=g), (), [{}]] for _ in range(3)]
+    block = Block()
+    group = [(n, SimpleNamespace(module=getattr(block, n), name=n)) for n in ("q", "k", "o")]
+    H = _layer_hessians(block, group, records, 0)
+    hq, hk, ho = (H[id(getattr(block, n))] for n in ("q", "k", "o"))
+    assert hq is hk and ho is not hq  # one tensor for q and k (prepared once by GPTQ)
+    x = torch.cat([r[0].reshape(-1, 8) for r in records])
+    torch.testing.assert_close(hq, x.T @ x / x.shape[0])
+    with torch.no_grad():
+        z = torch.cat([block.q(r[0]) + block.k(r[0]) for r in records]).reshape(-1, 4)
+    torch.testing.assert_close(ho, z.T @ z / z.shape[0])
+    # a module that shared its input on the first sample but not on a later one: a clear error
+    odd = Block(fresh_k=True)
+    group = [(n, SimpleNamespace(module=getattr(odd, n), name=n)) for n in ("q", "k", "o")]
+    with pytest.raises(RuntimeError, match="cannot share its Hessian"):
+        _layer_hessians(odd, group, records, 0)

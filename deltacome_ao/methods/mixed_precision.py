@@ -34,7 +34,7 @@ from ..delta_tensor import DeltaTensor, is_plain
 from ..factors import PackedFactors, low_rank_term, split_bands
 from ..gptq import gptq_input_groups, gptq_output_groups
 from . import register_method
-from ..ops import delta_linear, delta_only_linear
+from ..ops import delta_linear, delta_only_linear, direct_kernel
 from ..quantize import dequantize_rows, quantize_rows
 from ..slicing import slice_factors
 
@@ -275,12 +275,15 @@ class MixedPrecisionDeltaTensor(DeltaTensor):
         return MixedPrecisionDeltaTensor.from_factors(base, slice_factors(self.factors, dim, start, end))
 
     def linear(self, x, bias=None):
-        f = self.factors
-        if is_plain(self.base_weight):
-            y = delta_linear(x, self.base_weight, *f.op_args())
+        tensors = (self.v_packed, self.v_scale, self.v_zero, self.u_packed, self.u_scale, self.u_zero, self.s)
+        bits, counts = list(self.bits), list(self.counts)
+        if is_plain(self.base_weight):  # eager CPU: the registered kernel directly (ops.direct_kernel)
+            y = (direct_kernel(delta_linear, x) or delta_linear)(x, self.base_weight, *tensors, bits, counts,
+                                                                  self.group_size)
         else:  # a quantized base (`with_base`): its own linear, plus the delta term alone
-            y = torch.nn.functional.linear(x, self.base_weight) + delta_only_linear(
-                x, *f.tensors().values(), list(f.bits), list(f.counts), f.out_features, f.in_features, f.group_size)
+            out_features, in_features = self.shape
+            y = torch.nn.functional.linear(x, self.base_weight) + (direct_kernel(delta_only_linear, x) or delta_only_linear)(
+                x, *tensors, bits, counts, out_features, in_features, self.group_size)
         return y if bias is None else y + bias
 
 
