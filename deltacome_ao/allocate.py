@@ -330,21 +330,25 @@ def global_allocation(dists, costs, budget_bits: float, caps=None):
 
     lam = bisect(fits_budget, 0.0, top)
     choice = pick(lam_rows(lam))
-    # Greedy fix-up within the budget and the caps.
+    def upgrade(choice, spent_m, left: float) -> float:
+        """Greedy fix-up within the budget and the caps: the best error drop per bit that still fits,
+        until none fits (`choice` and `spent_m` updated in place); returns the bits left."""
+        for _ in range(R * n_cand):
+            dc = K - K[rows, choice][:, None]
+            gain = D[rows, choice][:, None] - D
+            room = torch.clamp(cap - spent_m, max=left)[owner][:, None]
+            ok = (dc > 0) & (dc <= room) & (gain > 0)
+            if not bool(ok.any()):
+                break
+            ratio = torch.where(ok, gain / dc.clamp_min(1e-300), torch.full_like(gain, -1.0))
+            i, c = divmod(int(torch.argmax(ratio)), n_cand)
+            left -= float(dc[i, c])
+            spent_m[owner[i]] += dc[i, c]
+            choice[i] = c
+        return left
+
     spent_m = spend_by_matrix(choice)
-    left = budget_bits - float(spent_m.sum())
-    for _ in range(R * n_cand):
-        dc = K - K[rows, choice][:, None]
-        gain = D[rows, choice][:, None] - D
-        room = torch.clamp(cap - spent_m, max=left)[owner][:, None]
-        ok = (dc > 0) & (dc <= room) & (gain > 0)
-        if not bool(ok.any()):
-            break
-        ratio = torch.where(ok, gain / dc.clamp_min(1e-300), torch.full_like(gain, -1.0))
-        i, c = divmod(int(torch.argmax(ratio)), n_cand)
-        left -= float(dc[i, c])
-        spent_m[owner[i]] += dc[i, c]
-        choice[i] = c
+    left = upgrade(choice, spent_m, budget_bits - float(spent_m.sum()))
     # Exchange pass: one vector gives bits back so that another can take a better width (what a single
     # multiplier cannot see when the budget is a few vectors wide). Each step strictly lowers the objective.
     for _ in range(R):
@@ -390,19 +394,7 @@ def global_allocation(dists, costs, budget_bits: float, caps=None):
             break
         if not moved:
             break
-        # what the exchange freed may now pay for plain upgrades
-        while True:
-            dc = K - K[rows, choice][:, None]
-            gain = D[rows, choice][:, None] - D
-            room = torch.clamp(cap - spent_m, max=left)[owner][:, None]
-            ok = (dc > 0) & (dc <= room) & (gain > 0)
-            if not bool(ok.any()):
-                break
-            ratio = torch.where(ok, gain / dc.clamp_min(1e-300), torch.full_like(gain, -1.0))
-            i, c = divmod(int(torch.argmax(ratio)), n_cand)
-            left -= float(dc[i, c])
-            spent_m[owner[i]] += dc[i, c]
-            choice[i] = c
+        left = upgrade(choice, spent_m, left)  # what the exchange freed may now pay for plain upgrades
     lam_final = lam_rows(lam)
     dual = float((D + lam_final[:, None] * K).min(dim=1).values.sum()) - lam * budget_bits
     finite = ~torch.isinf(cap)

@@ -296,21 +296,30 @@ def _budget_error(name, o: SVDDeltaOptions, out_features, in_features, widths) -
     )
 
 
-def _optimal_bands(u_rows, s, v_rows, o: SVDDeltaOptions, budget: int, hessian, gptq_v: bool = True):
-    """Per-vector widths from `allocate.optimal_allocation` -> (bands, permutation of the vectors)."""
-    out_features, in_features = u_rows.shape[1], v_rows.shape[1]
-
+def _error_measures(v_rows, o: SVDDeltaOptions, hessian, gptq_v: bool):
+    """(measure, H, measure_v) for `allocate.error_table`: RTN of a factor's rows; with `hessian`, the
+    damped fp64 H (GPTQ's) and, if `gptq_v`, V̂'s rows as GPTQ will really quantize them at a width."""
     def measure(rows, bits):
         return dequantize_rows(o.quantizer(rows, bits, o.group_size), o.group_size)
 
-    H = measure_v = None
-    if hessian is not None:
-        H = hessian.detach().to(device=v_rows.device, dtype=torch.float64)
-        H = H + o.damp * torch.diagonal(H).mean().clamp_min(1e-30) * torch.eye(in_features, dtype=H.dtype, device=H.device)
-        if gptq_v:
-            def measure_v(rows, bits):  # what GPTQ will really do to V̂ at this width
-                return gptq_input_groups(rows, hessian, bits, o.group_size, o.damp, o.act_order).dequantized
-    rel, energy = error_table(u_rows, v_rows, o.candidates, measure, H, measure_v)
+    if hessian is None:
+        return measure, None, None
+    in_features = v_rows.shape[1]
+    H = hessian.detach().to(device=v_rows.device, dtype=torch.float64)
+    H = H + o.damp * torch.diagonal(H).mean().clamp_min(1e-30) * torch.eye(in_features, dtype=H.dtype, device=H.device)
+    if not gptq_v:
+        return measure, H, None
+
+    def measure_v(rows, bits):
+        return gptq_input_groups(rows, hessian, bits, o.group_size, o.damp, o.act_order).dequantized
+
+    return measure, H, measure_v
+
+
+def _optimal_bands(u_rows, s, v_rows, o: SVDDeltaOptions, budget: int, hessian, gptq_v: bool = True):
+    """Per-vector widths from `allocate.optimal_allocation` -> (bands, permutation of the vectors)."""
+    out_features, in_features = u_rows.shape[1], v_rows.shape[1]
+    rel, energy = error_table(u_rows, v_rows, o.candidates, *_error_measures(v_rows, o, hessian, gptq_v))
     weight = s.double().cpu() * energy.cpu().sqrt()
     costs = candidate_costs(o.candidates, out_features, in_features, o.group_size)
     choice = optimal_allocation(weight, rel.cpu(), costs, budget)
@@ -453,19 +462,8 @@ def vector_errors(u_rows, s, v_rows, o: SVDDeltaOptions, hessian=None, out_weigh
     dropped: the whole term), as the optimal allocation measures it: in weight space, or in output
     space with `hessian` (in, in) (V̂ then measured as GPTQ quantizes it when `gptq_v`), weighted over
     the outputs by `out_weight` (out,) (e.g. the diagonal Fisher of the layer's outputs)."""
-    in_features = v_rows.shape[1]
-
-    def measure(rows, bits):
-        return dequantize_rows(o.quantizer(rows, bits, o.group_size), o.group_size)
-
-    H = measure_v = None
-    if hessian is not None:
-        H = hessian.detach().to(device=v_rows.device, dtype=torch.float64)
-        H = H + o.damp * torch.diagonal(H).mean().clamp_min(1e-30) * torch.eye(in_features, dtype=H.dtype, device=H.device)
-        if gptq_v:
-            def measure_v(rows, bits):
-                return gptq_input_groups(rows, hessian, bits, o.group_size, o.damp, o.act_order).dequantized
-    rel, energy = error_table(u_rows, v_rows, o.candidates, measure, H, measure_v, out_weight=out_weight)
+    rel, energy = error_table(u_rows, v_rows, o.candidates, *_error_measures(v_rows, o, hessian, gptq_v),
+                              out_weight=out_weight)
     return (s.double().cpu() ** 2 * energy.cpu())[:, None] * rel.cpu()
 
 
