@@ -220,3 +220,18 @@ def test_streaming_refuses_global(tmp_path):
     with pytest.raises(ValueError, match="allocation='global' plans one budget over every matrix first"):
         compress_streaming(tmp_path / "b", tmp_path / "f", tmp_path / "out", allocation="global")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_alpha_that_holds_no_vector_anywhere_is_refused_not_the_base():
+    # every matrix's cap too small for one singular vector: the plan would drop every delta and leave
+    # the base's weights in place of the fine-tune's; "paper" / "optimal" raise, so must "global"
+    from deltacome_ao.methods.mixed_precision import BudgetTooSmallError
+
+    base = tiny()
+    ft = structured_finetune(base)
+    model = copy.deepcopy(ft)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(BudgetTooSmallError, match=r"allocation='global'.*raise alpha"):
+        compress_(model, DeltaCoMeConfig(base=base, alpha=1e-5, group_size=GROUP, allocation="global", progress=False))
+    assert not hasattr(model, "deltacome_plan")
+    assert all(type(v) is torch.Tensor and torch.equal(v, before[k]) for k, v in model.state_dict().items())
