@@ -235,3 +235,19 @@ def test_an_alpha_that_holds_no_vector_anywhere_is_refused_not_the_base():
         compress_(model, DeltaCoMeConfig(base=base, alpha=1e-5, group_size=GROUP, allocation="global", progress=False))
     assert not hasattr(model, "deltacome_plan")
     assert all(type(v) is torch.Tensor and torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_save_pretrained_records_the_global_allocation(tmp_path):
+    # the HF checkpoint's quantization_config says how the delta was made, as delta_config.json does
+    from transformers import AutoModelForCausalLM
+
+    base = tiny()
+    model = copy.deepcopy(structured_finetune(base))
+    compress_(model, DeltaCoMeConfig(base=base, alpha=1 / 16, group_size=GROUP, allocation="global", global_cap=3.0,
+                                     progress=False))
+    model.save_pretrained(tmp_path / "m")
+    how = json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"]
+    assert how["allocation"] == "global"
+    assert how["global_allocation"] == {"cap": 3.0, "sensitivity": "weight"}
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert reloaded.config.quantization_config.global_allocation == {"cap": 3.0, "sensitivity": "weight"}
