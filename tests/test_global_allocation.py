@@ -251,3 +251,13 @@ def test_save_pretrained_records_the_global_allocation(tmp_path):
     assert how["global_allocation"] == {"cap": 3.0, "sensitivity": "weight"}
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     assert reloaded.config.quantization_config.global_allocation == {"cap": 3.0, "sensitivity": "weight"}
+
+
+def test_global_options_without_global_allocation_are_refused():
+    # they would be ignored: the user asked for a cap or a proxy and got the per-matrix allocation
+    base = tiny()
+    with pytest.raises(ValueError, match="apply only with allocation='global'"):
+        DeltaCoMeConfig(base=base, global_cap=8.0)
+    with pytest.raises(ValueError, match="apply only with allocation='global'"):
+        DeltaCoMeConfig(base=base, allocation="optimal", global_sensitivity="fisher", calibration="self")
+    DeltaCoMeConfig(base=base, allocation="optimal", global_cap=4.0)  # the default is fine
