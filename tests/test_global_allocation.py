@@ -171,7 +171,7 @@ def test_global_end_to_end_meets_the_model_budget_and_beats_per_matrix():
 def test_global_with_self_calibration_records_how_it_was_made(tmp_path):
     from deltacome_ao import load_delta, save_delta
 
-    base = tiny(anisotropic=True)
+    base = tiny(anisotropic=True, max_position_embeddings=128)  # "self" samples 128 tokens: within the context
     ft = structured_finetune(base)
     model = copy.deepcopy(ft)
     config = DeltaCoMeConfig(base=base, alpha=1 / 32, group_size=GROUP, allocation="global",
