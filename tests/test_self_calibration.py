@@ -151,3 +151,10 @@ def test_a_length_beyond_the_models_positions_is_refused():
         compress_(model, config)
     assert not any(isinstance(p, DeltaTensor) for p in model.parameters())
     assert len(sample_sequences(model, SelfCalibration(samples=1, length=64))[0][0]) == 64
+
+
+def test_self_calibration_is_public():
+    # docs/budget.md: DeltaCoMeConfig(calibration=SelfCalibration(...)); importable as DeltaCoMeConfig is
+    import deltacome_ao
+
+    assert deltacome_ao.SelfCalibration is SelfCalibration and "SelfCalibration" in deltacome_ao.__all__
