@@ -18,6 +18,7 @@ from .version import __version__ as __version__
 _PUBLIC = {
     "DeltaCoMeConfig": "config",
     "deltacome_config": "config",
+    "SelfCalibration": "self_calibration",
     "compress_": "compress",
     "delta_report": "compress",
     "compressed_layers": "compress",

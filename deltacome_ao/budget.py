@@ -39,7 +39,7 @@ from torch import nn
 
 from .allocate import budget_bits, candidate_costs, global_allocation, max_candidate_vectors, optimal_allocation
 from .decompose import weight_delta
-from .methods.mixed_precision import normalized_svd, svd_options, vector_errors, with_planned_widths
+from .methods.mixed_precision import BudgetTooSmallError, normalized_svd, svd_options, vector_errors, with_planned_widths
 
 __all__ = ["MatrixTable", "GlobalPlan", "SENSITIVITIES", "DEFAULT_CAP", "matrix_table", "solve_plan",
            "layer_matrices", "layer_statistics", "plan_global"]
@@ -234,7 +234,7 @@ def plan_global(root: nn.Module, targets, config: Any, device: Any = None, calib
         raise ValueError(f"sensitivity {sensitivity!r} needs calibration samples")
     stats = layer_statistics(root, targets, calibration, fisher=sensitivity == "fisher") \
         if sensitivity != "weight" else {}
-    tables, unmeasured = [], []
+    tables, unmeasured, changed = [], [], False
     for layer in targets:
         finetuned = getattr(layer.module, layer.param).detach()
         if device is not None:
@@ -243,6 +243,7 @@ def plan_global(root: nn.Module, targets, config: Any, device: Any = None, calib
         st = stats.get(layer.key)
         for name, f, b in layer_matrices(layer, finetuned, base):
             delta = weight_delta(f, b, name)
+            changed = changed or bool(torch.any(delta))
             if sensitivity == "weight":
                 tables.append(matrix_table(name, delta, options, config.alpha, cap))
             elif st is None:  # no activations of its own (stacked experts): scaled below
@@ -257,6 +258,13 @@ def plan_global(root: nn.Module, targets, config: Any, device: Any = None, calib
     if unmeasured:
         _scale_unmeasured(tables, unmeasured)
     plan = solve_plan(tables, options.candidates, sensitivity)
+    if changed and not any(plan.bits.values()):  # every delta dropped: the model would become the base
+        cheapest = min((c for t in tables for c in t.costs if c > 0), default=0)
+        raise BudgetTooSmallError(
+            f"allocation='global': alpha={config.alpha} gives the whole model {plan.budget} bits (at most "
+            f"{cap:g}x alpha per matrix), but no matrix can hold a single singular vector (the cheapest costs "
+            f"{cheapest} bits: codes, scales, zero-points and S), so every delta would be dropped and the "
+            f"fine-tune replaced by the base; raise alpha or lower group_size")
     return with_planned_widths(config, plan.widths), plan
 
 

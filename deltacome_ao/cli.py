@@ -333,6 +333,7 @@ def compress(base, finetuned, out, **opts):
     if base.resolve() == finetuned.resolve():
         raise click.UsageError("BASE and FINETUNED are the same directory: there is no delta to store")
     opts["method_options"] = _parse_method_options(opts["method_options"])
+    _config_fields(opts)  # --global-* without --allocation global: the command line's own usage error first
     _check_options(**{k: opts[k] for k in ("alpha", "method", "allocation", "group_size", "method_options",
                                            "global_cap")})
     with _quiet_transformers(opts["quiet"]):

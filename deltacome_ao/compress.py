@@ -38,7 +38,7 @@ from .budget import plan_global
 from .calibrate import calibrated_weights
 from .checkpoint import BaseWeights, check_pair, unaliased
 from .delta_tensor import DeltaTensor
-from .format import calibration_record, layer_key
+from .format import layer_key, method_fields
 from .methods.mixed_precision import BudgetTooSmallError
 from .recipes import recipe_for
 from .self_calibration import as_self_calibration, self_calibration_samples
@@ -380,14 +380,11 @@ def record_skipped(model: torch.nn.Module, skipped: Mapping[str, str]) -> None:
 
 
 def config_fields(config: Any) -> dict:
+    """How `config` compressed a model, for the `on_compressed` hooks: the fields an artifact records
+    (`format.method_fields`: method, alpha, ..., calibration, global_allocation); {} without a config."""
     if config is None:
         return {}
-    fields = {"method": config.method, "alpha": config.alpha, "group_size": config.group_size,
-              "allocation": config.allocation, "calibrated": config.calibration is not None}
-    record = calibration_record(getattr(config, "calibration", None))
-    if record is not None:
-        fields["calibration"] = record
-    return fields
+    return method_fields(config)
 
 
 def compressed_layers(model: torch.nn.Module) -> dict[str, DeltaTensor]:

@@ -190,6 +190,10 @@ class DeltaCoMeConfig(AOBaseConfig):
             if self.global_sensitivity in ("output", "fisher") and self.calibration is None:
                 raise ValueError(f"global_sensitivity={self.global_sensitivity!r} needs calibration (e.g. "
                                  f"calibration='self')")
+        elif self.global_cap != 4.0 or self.global_sensitivity is not None:  # would be ignored: say so
+            raise ValueError(f"global_cap / global_sensitivity apply only with allocation='global' (got "
+                             f"allocation={self.allocation!r}, global_cap={self.global_cap!r}, "
+                             f"global_sensitivity={self.global_sensitivity!r}); set allocation='global' or drop them")
         if self.allocation in ("optimal", "global"):
             if not any(self.candidates) or any(b != 0 and b not in SUPPORTED_BITS for b in self.candidates):
                 raise ValueError(f"candidates {tuple(self.candidates)}: use 0 (dropped) and widths from {SUPPORTED_BITS}")

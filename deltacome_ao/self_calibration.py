@@ -83,6 +83,9 @@ def _start_token(model: nn.Module) -> int:
                      "SelfCalibration(prompts=[[token ids], ...])")
 
 
+_POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
 def _logits(out) -> torch.Tensor:
     return (out.logits if hasattr(out, "logits") else out)[:, -1].float()
 
@@ -96,6 +99,11 @@ def sample_sequences(model: nn.Module, spec: SelfCalibration = SelfCalibration()
     the model's own (default: the model, with its KV cache)."""
     config = getattr(model, "config", None)
     vocab = getattr(config, "vocab_size", None)
+    for field in _POSITION_FIELDS:  # past the model's context the samples (and their statistics) are garbage
+        limit = getattr(config, field, None)
+        if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < spec.length:
+            raise ValueError(f"SelfCalibration.length={spec.length} is longer than the model's context "
+                             f"({field}={limit}); use length <= {limit}")
     bos = None
     prompts = spec.prompts
     if prompts is None:

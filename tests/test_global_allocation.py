@@ -171,7 +171,7 @@ def test_global_end_to_end_meets_the_model_budget_and_beats_per_matrix():
 def test_global_with_self_calibration_records_how_it_was_made(tmp_path):
     from deltacome_ao import load_delta, save_delta
 
-    base = tiny(anisotropic=True)
+    base = tiny(anisotropic=True, max_position_embeddings=128)  # "self" samples 128 tokens: within the context
     ft = structured_finetune(base)
     model = copy.deepcopy(ft)
     config = DeltaCoMeConfig(base=base, alpha=1 / 32, group_size=GROUP, allocation="global",
@@ -220,3 +220,44 @@ def test_streaming_refuses_global(tmp_path):
     with pytest.raises(ValueError, match="allocation='global' plans one budget over every matrix first"):
         compress_streaming(tmp_path / "b", tmp_path / "f", tmp_path / "out", allocation="global")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_alpha_that_holds_no_vector_anywhere_is_refused_not_the_base():
+    # every matrix's cap too small for one singular vector: the plan would drop every delta and leave
+    # the base's weights in place of the fine-tune's; "paper" / "optimal" raise, so must "global"
+    from deltacome_ao.methods.mixed_precision import BudgetTooSmallError
+
+    base = tiny()
+    ft = structured_finetune(base)
+    model = copy.deepcopy(ft)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(BudgetTooSmallError, match=r"allocation='global'.*raise alpha"):
+        compress_(model, DeltaCoMeConfig(base=base, alpha=1e-5, group_size=GROUP, allocation="global", progress=False))
+    assert not hasattr(model, "deltacome_plan")
+    assert all(type(v) is torch.Tensor and torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_save_pretrained_records_the_global_allocation(tmp_path):
+    # the HF checkpoint's quantization_config says how the delta was made, as delta_config.json does
+    from transformers import AutoModelForCausalLM
+
+    base = tiny()
+    model = copy.deepcopy(structured_finetune(base))
+    compress_(model, DeltaCoMeConfig(base=base, alpha=1 / 16, group_size=GROUP, allocation="global", global_cap=3.0,
+                                     progress=False))
+    model.save_pretrained(tmp_path / "m")
+    how = json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"]
+    assert how["allocation"] == "global"
+    assert how["global_allocation"] == {"cap": 3.0, "sensitivity": "weight"}
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert reloaded.config.quantization_config.global_allocation == {"cap": 3.0, "sensitivity": "weight"}
+
+
+def test_global_options_without_global_allocation_are_refused():
+    # they would be ignored: the user asked for a cap or a proxy and got the per-matrix allocation
+    base = tiny()
+    with pytest.raises(ValueError, match="apply only with allocation='global'"):
+        DeltaCoMeConfig(base=base, global_cap=8.0)
+    with pytest.raises(ValueError, match="apply only with allocation='global'"):
+        DeltaCoMeConfig(base=base, allocation="optimal", global_sensitivity="fisher", calibration="self")
+    DeltaCoMeConfig(base=base, allocation="optimal", global_cap=4.0)  # the default is fine

@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from deltacome_ao import DeltaCoMeConfig, compress_
+from deltacome_ao import DeltaCoMeConfig, DeltaTensor, compress_
 from deltacome_ao.self_calibration import SelfCalibration, as_self_calibration, sample_sequences, self_calibration_samples
 from tiny_models import ids, logits_error, structured_finetune, tiny
 
@@ -136,3 +136,25 @@ def test_cli_self_calibration_and_global(tmp_path):
                                         *args, "-q"])
         assert run.exit_code == 2, (args, run.output)
         assert match in run.output, (args, run.output)
+
+
+def test_a_length_beyond_the_models_positions_is_refused():
+    # sampling past max_position_embeddings gives positions the model never saw (RoPE runs on, so nothing
+    # fails): the calibration would silently come from garbage; refuse before sampling, model untouched
+    base = tiny(bos_token_id=1, eos_token_id=2)  # max_position_embeddings=64
+    ft = structured_finetune(base)
+    model = copy.deepcopy(ft)
+    with pytest.raises(ValueError, match=r"length=65 is longer than the model.s context \(max_position_embeddings=64\); use length <= 64"):
+        sample_sequences(model, SelfCalibration(samples=1, length=65))
+    config = DeltaCoMeConfig(base=base, calibration=SelfCalibration(samples=1, length=65), progress=False)
+    with pytest.raises(ValueError, match="max_position_embeddings=64"):
+        compress_(model, config)
+    assert not any(isinstance(p, DeltaTensor) for p in model.parameters())
+    assert len(sample_sequences(model, SelfCalibration(samples=1, length=64))[0][0]) == 64
+
+
+def test_self_calibration_is_public():
+    # docs/budget.md: DeltaCoMeConfig(calibration=SelfCalibration(...)); importable as DeltaCoMeConfig is
+    import deltacome_ao
+
+    assert deltacome_ao.SelfCalibration is SelfCalibration and "SelfCalibration" in deltacome_ao.__all__
