@@ -60,6 +60,7 @@ from .format import (
     model_config,
     read_delta_config,
     shell,
+    sort_header,
     spec_key,
     tensor_record,
     verify_artifact,
@@ -269,6 +270,7 @@ class DeltaArtifact:
             (tmp / CONFIG_NAME).write_text(text)
             save_file(tensors, str(tmp / WEIGHTS_NAME),
                       metadata={"format": "pt", "deltacome": FORMAT, "format_version": str(FORMAT_VERSION)})
+            sort_header(tmp / WEIGHTS_NAME)  # same delta, same bytes
             if self.card:
                 sizes = {n: (tmp / n).stat().st_size for n in (WEIGHTS_NAME, CONFIG_NAME)}
                 (tmp / CARD_NAME).write_text(model_card(document, Path(out).name, sizes), encoding="utf-8")

@@ -289,6 +289,20 @@ def document_text(document: Any) -> str:
     return fmt(document, "") + "\n"
 
 
+def sort_header(path: str | os.PathLike) -> None:
+    """Rewrite a just-written safetensors file's JSON header with sorted keys, in place and at the same
+    length (padded with spaces, which the format allows), so that the same tensors and metadata give
+    the same bytes: safetensors' writer emits `__metadata__` entries in hash-map order, which varies
+    from run to run. A header that would not fit (it cannot: only the order changes) is left as it is."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = f.read(size)
+        text = json.dumps(json.loads(header), sort_keys=True, separators=(",", ":")).encode()
+        if len(text) <= size:
+            f.seek(8)
+            f.write(text + b" " * (size - len(text)))
+
+
 def _few(items) -> str:
     return few(items) or "none"
 

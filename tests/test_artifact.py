@@ -112,6 +112,23 @@ def test_round_trip_is_bit_exact(pair, tmp_path):
     assert sorted(doc["kept"]) == sorted(k for k in base.state_dict() if not k.endswith(tuple(f"{p}.weight" for p in PROJ)))
 
 
+def test_same_delta_same_bytes(pair, tmp_path):
+    """safetensors writes `__metadata__` in hash-map order; the header is rewritten sorted, so saving
+    the same delta twice gives identical files (reproducible digests, deduplicated uploads)."""
+    base, ft, config = pair
+    a = save_delta(ft, tmp_path / "a", base=base, config=config)
+    b = save_delta(ft, tmp_path / "b", base=base, config=config)
+    raw = (a / "delta.safetensors").read_bytes()
+    assert raw == (b / "delta.safetensors").read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    pairs = json.loads(raw[8:8 + size], object_pairs_hook=lambda kv: kv)
+    keys = [k for k, _ in pairs]
+    assert keys == sorted(keys) and "__metadata__" in keys
+    metadata = dict(pairs)["__metadata__"]
+    assert [k for k, _ in metadata] == sorted(k for k, _ in metadata)
+    assert torch.equal(logits(DeltaCoMeModel.from_pretrained(copy.deepcopy(base), a)), logits(ft))
+
+
 def test_only_changed_tensors_are_kept(tmp_path):
     base = tiny()
     ft = finetune(base)
