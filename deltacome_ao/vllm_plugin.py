@@ -17,7 +17,7 @@ process, TP workers included). `register()` adds the quantization method "deltac
   rank's slice exactly as soon as it is complete (column-parallel: output rows, Û's rows; row-parallel:
   input columns, V̂'s columns; the engine's all-reduce sums the partial outputs unchanged).
 - `apply` runs each sub-matrix's compressed weight through its own `F.linear` — for Delta-CoMe the op
-  `deltacome::delta_linear` (Triton kernel on CUDA, reference on CPU) — and concatenates fused outputs.
+  `deltacome::delta_linear` (Triton kernel on CUDA, the C kernel on CPU) — and concatenates fused outputs.
 
 docs/vllm.md: how to serve, what is measured, and what multi-delta serving inside vLLM would need.
 """
@@ -200,8 +200,8 @@ class DeltaCoMeLinearMethod(LinearMethodBase):
 
 def cache_factors() -> bool:
     """`DELTACOME_VLLM_CACHE_FACTORS=1`: keep each rank's factors dequantized (fp32) instead of
-    unpacking them at every call — faster on CPU, where the op runs its reference path, for
-    4·r·(in + out) bytes per matrix. CUDA's kernels read the packed codes directly: leave it off."""
+    decoding the packed codes at every call — faster on CPU (≈ 1.4× on the zoo model in vLLM,
+    docs/vllm.md), for 4·r·(in + out) bytes per matrix. CUDA's kernels read the packed codes directly: leave it off."""
     return os.environ.get("DELTACOME_VLLM_CACHE_FACTORS", "").lower() in ("1", "true", "yes")
 
 
