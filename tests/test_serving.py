@@ -272,6 +272,22 @@ def test_concurrent_load_unload_while_serving(setup):
     assert set(served.deltas()) == {"a", "b"}
 
 
+def test_probe_leaves_the_served_model_modes_alone(setup):
+    """load_delta's probe runs the shared served model: it must not flip its train/eval modes (other
+    threads may be serving at that moment; flipping them gave wrong rows under concurrent loads)."""
+    base, models, dirs, _ = setup
+    served = _served(setup, names=("a",))
+    served.model.train()
+    seen = []
+    hook = served.model.register_forward_pre_hook(lambda m, a: seen.append(m.training))
+    try:
+        served.load_delta("probe-mode", dirs["b"], verify="sample")
+    finally:
+        hook.remove()
+        served.model.eval()
+    assert seen and all(seen)  # the probe's forward ran, in the mode the model was in
+
+
 def test_any_registered_kind_is_served_per_row(setup, tmp_path):
     """A BitDelta artifact (no low-rank factors: served through its own delta term) in the same batch
     as Delta-CoMe deltas: each row equals that fine-tune's compressed model alone."""

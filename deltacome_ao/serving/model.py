@@ -211,12 +211,13 @@ class MultiDeltaModel(torch.nn.Module):
         x = _probe_input(self.model)
         if x is None:
             return
-        # eval mode for the probe (dropout would make the rows incomparable); restored after
-        modes = {m: m.training for m in itertools.chain(self._skeleton.modules(), loaded.modules(), self.model.modules())}
+        # the private copies in eval mode (dropout would make the rows incomparable), restored after; the
+        # served model's modes are never touched (other threads may be running it): in training mode
+        # only the routed forward running is checked, not its numbers
+        modes = {m: m.training for m in itertools.chain(self._skeleton.modules(), loaded.modules())}
         try:
             self._skeleton.eval()
             loaded.eval()
-            self.model.eval()
             with torch.no_grad():
                 try:
                     base_out = _logits(self._skeleton(input_ids=x, use_cache=True))
@@ -252,7 +253,7 @@ class MultiDeltaModel(torch.nn.Module):
         finally:
             for m, mode in modes.items():
                 m.training = mode
-        if served is None or alone is None or base_out is None or served.shape != alone.shape:
+        if self.model.training or served is None or alone is None or base_out is None or served.shape != alone.shape:
             return
         eps = max(torch.finfo(_dtype(self.model)).eps, torch.finfo(served.dtype).eps if served.is_floating_point() else 0)
         served, alone, base_out = served.float(), alone.float(), base_out.float()
