@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from .checkpoint import BaseWeights, few, unaliased, write_dir_atomic
-from .compress import compressed_layers, coverage_summary, notify_compressed, uncompressed_reason
+from .compress import compressed_layers, coverage_summary, notify_compressed, on_compressed, uncompressed_reason
 from .config import DeltaCoMeConfig
 from .delta_tensor import DeltaTensor, dtype_name, parse_dtype
 from .fingerprint import (
@@ -119,7 +119,8 @@ def save_delta(
         compressed layer's `base_weight` is checked to be that base's weight. Without it every
         non-compressed tensor is stored and the fingerprint covers the base weights of the
         compressed layers only — exactly the base tensors the loaded model then depends on.
-    config: the `DeltaCoMeConfig` used (recorded: method, alpha, group size, allocation).
+    config: the `DeltaCoMeConfig` used (recorded: method, alpha, group size, allocation, calibration);
+        by default what `compress_` / `quantize_` / `load_delta` recorded on the model.
     metadata: any JSON-serialisable mapping, stored under "user".
     base_model_name_or_path, base_revision: the base's Hub id (or path) and revision, recorded in
         delta_config.json and the model card; by default what `base` says about itself
@@ -160,8 +161,21 @@ def save_delta(
         model_config=model_config(getattr(model, "config", None)), config=config, metadata=metadata,
         base_model_name_or_path=base_name, base_revision=base_revision, card=model_card,
         coverage=_coverage(model, layers, kept) if base is not None else None,
+        fields=None if config is not None else model.__dict__.get(_FIELDS),
     ).write(out, overwrite)
     return out
+
+
+_FIELDS = "_deltacome_fields"
+
+
+@on_compressed
+def _remember_fields(model: torch.nn.Module, fields: dict) -> None:
+    """How `compress_` / `quantize_` / `load_delta` made the model's compressed weights (method, alpha,
+    group size, allocation, calibration, ...), kept on the model so that `save_delta` without `config=`
+    records them too."""
+    if fields:
+        model.__dict__[_FIELDS] = dict(fields)
 
 
 def _coverage(model, layers, kept) -> dict:
@@ -223,6 +237,7 @@ class DeltaArtifact:
     base_revision: Optional[str] = None
     card: bool = True  # also write README.md (hub.model_card)
     coverage: Optional[dict] = None
+    fields: Optional[Mapping[str, Any]] = None  # how the delta was made, when there is no `config`
 
     def document(self) -> dict:
         """The `delta_config.json` content: the fields below, the dtype, shape and sha256 of every
@@ -234,7 +249,8 @@ class DeltaArtifact:
             "format_version": FORMAT_VERSION,
             "library": "deltacome_ao",
             "library_version": __version__,
-            **method_fields(self.config),
+            **(method_fields(self.config) if self.config is not None or not self.fields
+               else {**method_fields(None), **self.fields}),
             "model_dtype": dtype_name(self.model_dtype),
             "layers": dict(self.layers),
             "kept": sorted(self.kept),

@@ -83,9 +83,16 @@ def test_base_recorded_and_model_card(pair, tmp_path):
     assert (doc["base_model_name_or_path"], doc["base_revision"]) == ("org/base-7b", SHA)
     meta = front_matter(out / "README.md")
     assert meta["base_model"] == "org/base-7b"
-    # saved without config=: the card says the method is not recorded and names the layers' tensor kind
+    # saved without config=: what quantize_ recorded on the model is written (method, alpha, group size)
+    assert "method:deltacome" in meta["tags"] and "| method | `deltacome` |" in (out / "README.md").read_text()
+    assert (doc["method"], doc["alpha"], doc["group_size"]) == ("deltacome", 1 / 16, 32)
+    # nothing recorded anywhere: the card says so and names the layers' tensor kind
+    unknown = copy.deepcopy(ft)
+    del unknown.__dict__["_deltacome_fields"]
+    plain = save_delta(unknown, tmp_path / "d5", base=base)
+    assert json.loads((plain / "delta_config.json").read_text())["method"] is None
     assert "| method | not recorded (pass `config=` to `save_delta`); layer kinds: MixedPrecisionDeltaTensor |" \
-        in (out / "README.md").read_text()
+        in (plain / "README.md").read_text()
     card = huggingface_hub.ModelCard.load(out / "README.md")  # what the Hub parses
     assert card.data.base_model == "org/base-7b" and card.data.library_name == "deltacome_ao"
     # a model loaded from the Hub knows its id and commit
