@@ -239,8 +239,8 @@ def check_tensor(name: str, t: torch.Tensor, record: Mapping, where: Any) -> Non
         )
 
 
-def check_records(records: Any, expected: set[str], where: Any, field: str) -> dict:
-    """Validate a {stored name: tensor_record} table that must cover exactly `expected`."""
+def check_record_table(records: Any, where: Any, field: str) -> None:
+    """Validate the structure of a {stored name: tensor_record} table (DeltaFormatError naming the field)."""
     if not isinstance(records, Mapping):
         raise DeltaFormatError(f"{where}: field {field!r} must be an object {{tensor name: {{dtype, shape, sha256}}}}, "
                                f"got {type(records).__name__}")
@@ -248,6 +248,11 @@ def check_records(records: Any, expected: set[str], where: Any, field: str) -> d
         problem = record_problem(record)
         if problem:
             raise DeltaFormatError(f"{where}: field {field}[{name!r}] {problem}")
+
+
+def check_records(records: Any, expected: set[str], where: Any, field: str) -> dict:
+    """Validate a {stored name: tensor_record} table that must cover exactly `expected`."""
+    check_record_table(records, where, field)
     missing, extra = sorted(expected - set(records)), sorted(set(records) - expected)
     if missing or extra:
         raise DeltaFormatError(f"{where}: field {field!r} does not list the stored tensors: missing "

@@ -54,12 +54,12 @@ from .format import (
     IntegrityWarning,
     TensorFile,
     assemble,
+    check_record_table,
     check_spec,
     check_tensor,
     flatten_state_dict,
     method_fields,
     layer_key,
-    record_problem,
     shell,
     spec_key,
     stored_names,
@@ -135,13 +135,7 @@ class DeltaCoMeHfConfig(QuantizationConfigMixin):
         if guard is not None and not isinstance(guard, str):
             raise DeltaFormatError(f"quantization_config: field 'guard' must be a tensor name, got {guard!r}")
         if tensors is not None:
-            if not isinstance(tensors, dict):
-                raise DeltaFormatError(f"quantization_config: field 'tensors' must be an object {{stored tensor name: "
-                                       f"{{dtype, shape, sha256}}}}, got {type(tensors).__name__}")
-            for name, record in tensors.items():
-                problem = record_problem(record)
-                if problem:
-                    raise DeltaFormatError(f"quantization_config: field tensors[{name!r}] {problem}")
+            check_record_table(tensors, "quantization_config", "tensors")
         self.digests, self.guard, self.tensors = digests, guard, tensors
         self.format_version = format_version
         if library_version is None:
