@@ -258,14 +258,15 @@ def _new_plan(key, tensors, bits, counts, group_size: int, in_features: int, out
 
 
 _U8, _F16, _F32 = torch.uint8, torch.float16, torch.float32
-_DECODE: dict = {}  # the decode path's key (below) -> (descriptor, multiply-adds per token row, descriptor as a list)
+_DECODE: dict = {}  # `_decode_plan`'s key -> (descriptor, multiply-adds per token row, descriptor as a list)
 
 
 def _decode_plan(vp, vs, vz, up, us, uz, s, bits, counts, group_size: int, in_features: int, out_features: int):
     """(descriptor, multiply-adds per token row, the descriptor as a list) for one delta's factors when the
-    kernel reads them as they are, else None: the per-call part of `_plan` + `supported_tensors`, written out for the decode path
-    (one token row per call, where each microsecond of Python is a visible share of a small layer). The
-    key holds every tensor's address and size; dtypes, device and contiguity are checked on every call."""
+    kernel reads them as they are, else None. The per-call part of `_plan` + `supported_tensors`, written
+    out for decode (a few token rows per call, where each microsecond of Python is a visible share of a
+    small layer): the key holds every tensor's address and size, and dtypes, device and contiguity are
+    checked on every call, so a changed tensor never meets a stale descriptor."""
     if not (vp.dtype is _U8 and vs.dtype is _F16 and vz.dtype is _U8 and up.dtype is _U8 and us.dtype is _F16
             and uz.dtype is _U8 and s.dtype is _F32 and vp.is_cpu and vs.is_cpu and vz.is_cpu and up.is_cpu
             and us.is_cpu and uz.is_cpu and s.is_cpu and vp.is_contiguous() and vs.is_contiguous()
