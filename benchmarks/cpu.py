@@ -196,7 +196,8 @@ def model_rows(args) -> list:
     ms = _decode_ms(prompt, args.steps, args.reps,
                     {"base": base, "finetuned": ft, "compressed": compressed})
     row = dict(pair="llama-arith", batch=1, steps=args.steps, ms_per_token={k: round(v, 3) for k, v in ms.items()},
-               ratio={k: round(v / ms["base"], 3) for k, v in ms.items() if k != "base"}, load=[before, load()])
+               ratio={k: round(v / ms["base"], 3) for k, v in ms.items() if k != "base"}, load=[before, load()],
+               profile_ms_per_token=_model_profile(base, compressed, prompt, args.steps))
     print(json.dumps(row), file=sys.stderr)
     return [row]
 
@@ -230,10 +231,114 @@ def multi_rows(args) -> list:
         before = load()
         ms = _decode_ms(prompt, args.steps, args.reps, {"base": base, "multi": Routed()})
         row = dict(batch=args.batch, deltas=n, steps=args.steps, ms_per_step={k: round(v, 3) for k, v in ms.items()},
-                   ratio=round(ms["multi"] / ms["base"], 3), load=[before, load()])
+                   ratio=round(ms["multi"] / ms["base"], 3), load=[before, load()],
+                   profile_ms_per_step=_multi_profile(served, Routed(), prompt, args.steps))
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
     return rows
+
+
+class _Clock:
+    """Seconds spent inside wrapped calls and between a module's pre-hook and hook, while `on`."""
+
+    def __init__(self):
+        self.seconds, self._start, self.on = {}, {}, False
+
+    def add(self, name, seconds):
+        if self.on:
+            self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def wrap(self, name, fn):
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.add(name, time.perf_counter() - t0)
+        return timed
+
+    def hooks(self, module, name):
+        def pre(mod, args):
+            self._start[id(mod)] = time.perf_counter()
+
+        def post(mod, args, out):
+            self.add(name, time.perf_counter() - self._start.pop(id(mod)))
+        return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+
+
+class _LibClock:
+    """The kernel library with `dc_delta1` (one delta's term) under a clock."""
+
+    def __init__(self, lib, clock):
+        self._lib, self.dc_delta1 = lib, clock.wrap("kernel", lib.dc_delta1)
+
+    def __getattr__(self, name):
+        return getattr(self._lib, name)
+
+
+def _decode_pass(model, prompt, steps, clock, **kw):
+    from transformers import DynamicCache
+
+    with torch.no_grad():
+        out = model(input_ids=prompt, past_key_values=DynamicCache(), use_cache=True, **kw)
+        nxt = out.logits[:, -1:].argmax(-1)
+        clock.on = True
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True, **kw)
+            nxt = out.logits[:, -1:].argmax(-1)
+        clock.add("step", time.perf_counter() - t0)
+        clock.on = False
+
+
+def _model_profile(base, compressed, prompt, steps) -> dict:
+    """Where a decode step's time goes (ms per token; one extra pass with clocks): the base model's step and
+    its linear layers, the compressed model's step, its compressed linear layers (base product + delta
+    term + the Python around them) and, inside those, the kernel calls."""
+    from deltacome_ao import DeltaTensor
+    from deltacome_ao.kernels import cpu as K
+
+    result = {}
+    for name, model in (("base", base), ("compressed", compressed)):
+        clock, handles = _Clock(), []
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and (name == "base" or isinstance(m.weight, DeltaTensor)):
+                handles += clock.hooks(m, "linear_layers")
+        lib = K._lib
+        if lib is not None and name == "compressed":
+            K._lib = _LibClock(lib, clock)
+        try:
+            _decode_pass(model, prompt, steps, clock)
+        finally:
+            K._lib = lib
+            for h in handles:
+                h.remove()
+        result[name] = {k: round(v * 1e3 / steps, 3) for k, v in clock.seconds.items()}
+    return result
+
+
+def _multi_profile(served, routed, prompt, steps) -> dict:
+    """Where a multi-delta decode step's time goes (ms per step, medians not taken: one extra pass of
+    `steps` decode steps with clocks around the parts): the whole step, the multi-delta linear layers
+    (base product + delta terms), inside them the segmented kernel calls, and the per-row modules (norms
+    and embeddings whose tensors a delta replaces: one forward per delta group)."""
+    from deltacome_ao.kernels import cpu as K
+    from deltacome_ao.serving import MultiDeltaLinear
+
+    clock, handles, call = _Clock(), [], K._call
+    for m in served.model.modules():
+        if isinstance(m, MultiDeltaLinear):
+            handles += clock.hooks(m, "multi_delta_linear")
+        elif type(m).__name__ in ("MultiDeltaModule", "MultiDeltaEmbedding"):
+            handles += clock.hooks(m, "per_row_modules")
+    K._call = clock.wrap("segmented_kernel", call)
+    try:
+        _decode_pass(routed, prompt, steps, clock)
+    finally:
+        K._call = call
+        for h in handles:
+            h.remove()
+    return {k: round(v * 1e3 / steps, 3) for k, v in clock.seconds.items()}
 
 
 def layer_rows(args) -> list:

@@ -179,15 +179,21 @@ def direct_kernel(op, x: torch.Tensor):
     dispatcher (autograd wrapper, aliasing checks), as much as a small layer's whole delta term on CPU;
     the shortcut applies only outside `torch.compile` tracing, for a plain tensor that needs no gradient,
     and while that implementation is still the one the op holds (and not disabled)."""
-    entry = _DIRECT.get((id(op), x.device.type))
-    if entry is None or type(x) is not torch.Tensor or (x.requires_grad and torch.is_grad_enabled()):
+    if type(x) is not torch.Tensor or (x.requires_grad and torch.is_grad_enabled()):
+        return None
+    device = "cpu" if x.is_cpu else x.device.type
+    entry = _DIRECT.get((id(op), device))
+    if entry is None:
         return None
     fn, held = entry
-    if held is None or getattr(op, "_backend_fns", {}).get(x.device.type) is not held:
+    if held is None or getattr(op, "_backend_fns", _NONE).get(device) is not held:
         return None
-    if x.device.type in getattr(op, "_disabled_kernel", ()) or torch.compiler.is_compiling():
+    if device in getattr(op, "_disabled_kernel", ()) or torch.compiler.is_compiling():
         return None
     return fn
+
+
+_NONE: dict = {}
 
 
 # --- 0.1 names, kept importable for one release ------------------------------------------------------

@@ -364,3 +364,30 @@ def test_inconsistent_factors_are_refused_not_read_past():
     args[7] = [8, 3, 12]  # no such bit width
     with pytest.raises(ValueError, match="inconsistent"):
         K.delta_linear_cpu(x, base, *args)
+
+
+def test_decode_path_checks_the_factors_on_every_call():
+    """The decode path (fp32, up to FUSED_MAX_TOKENS rows) caches its descriptor by every factor tensor's
+    address and size and checks dtypes, device and contiguity on each call: after a cached call, a factor
+    replaced by a non-contiguous copy of the same values gives the same numbers (reference path), one of
+    another dtype too, and a shorter view at the same address is refused, never read past."""
+    f = factors(40, 24, BAND_SETS["paper"], 8)
+    base = torch.randn(40, 24)
+    x = torch.randn(2, 24)
+    args = list(f.op_args())
+    want = delta_linear_reference(x, base, f)
+    mag = magnitude(x, base, f)
+    assert_matches(K.delta_linear_cpu(x, base, *args), want, mag)
+    scale = args[1]
+    transposed = torch.empty(scale.shape[::-1], dtype=scale.dtype).t()
+    transposed.copy_(scale)
+    assert not transposed.is_contiguous()
+    assert_matches(K.delta_linear_cpu(x, base, args[0], transposed, *args[2:]), want, mag)
+    as_float = list(args)
+    as_float[4] = args[4].float()  # u_scale in fp32 (stored fp16): same values
+    assert_matches(K.delta_linear_cpu(x, base, *as_float), want, mag)
+    short = list(args)
+    short[3] = args[3][:-5]  # same address as the cached u_packed, 5 bytes fewer
+    assert short[3].data_ptr() == args[3].data_ptr()
+    with pytest.raises(ValueError, match="u_packed"):
+        K.delta_linear_cpu(x, base, *short)

@@ -272,6 +272,49 @@ def test_concurrent_load_unload_while_serving(setup):
     assert set(served.deltas()) == {"a", "b"}
 
 
+def test_per_row_tensors_are_never_swapped_on_the_shared_module(setup):
+    """A delta's own tensors (here d's embedding table) reach its rows through a shallow copy of the module
+    (`with_tensors`): while one thread's rows run inside the module's forward with them, another thread's
+    base rows on the same module get the base table (functional_call swapped the table on the module for
+    the call, so a concurrent base row got the delta's table)."""
+    base, models, _, _ = setup
+    served = _served(setup, names=("d",))
+    emb = served.model.model.embed_tokens
+    assert isinstance(emb, MultiDeltaEmbedding)
+    inner, base_table = emb._inner, emb._inner.weight
+    inside, release = threading.Event(), threading.Event()
+
+    main = threading.current_thread()
+
+    def hook(module, args):
+        if module.weight is not base_table and threading.current_thread() is not main:
+            inside.set()
+            assert release.wait(30)
+
+    handle = inner.register_forward_pre_hook(hook)
+    x = ids(seed=3, batch=1, length=5)
+    out = {}
+
+    def delta_rows():
+        with torch.no_grad():
+            out["d"] = emb(x, delta_ids=[served.deltas()["d"]])
+
+    t = threading.Thread(target=delta_rows)
+    t.start()
+    try:
+        assert inside.wait(30)
+        with torch.no_grad():
+            y = emb(x)
+        torch.testing.assert_close(y, base.model.embed_tokens(x), rtol=0, atol=0)
+    finally:
+        release.set()
+        t.join(30)
+        handle.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(out["d"], models["d"].model.embed_tokens(x), **TOL)
+        assert not torch.equal(out["d"], y)
+
+
 def test_probe_leaves_the_served_model_modes_alone(setup):
     """load_delta's probe runs the shared served model: it must not flip its train/eval modes (other
     threads may be serving at that moment; flipping them gave wrong rows under concurrent loads)."""

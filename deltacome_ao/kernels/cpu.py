@@ -234,22 +234,55 @@ def _plan(tensors, bits, counts, group_size: int, in_features: int, out_features
     key = (ptrs, tuple(t.numel() for t in tensors), tuple(bits), tuple(counts), group_size, in_features, out_features)
     plan = _PLANS.get(key)
     if plan is None:
-        why = None
-        if (len(bits) != len(counts) or any(b not in _BITS for b in bits) or any(c < 0 for c in counts)
-                or group_size < 1):
-            why = f"bad bands {list(zip(bits, counts))} or group size {group_size}"
-        if why is None:
-            layout = PackedFactors.layout(bits, counts, group_size, out_features, in_features)
-            for t, (name, (shape, _)) in zip(tensors, layout.items()):
-                if t.numel() != math.prod(shape):
-                    why = f"{name} has {t.numel()} elements, the bands need {math.prod(shape)}"
-                    break
-        if why is not None:
-            raise ValueError(f"deltacome_ao CPU kernel: inconsistent packed factors: {why}")
-        if len(_PLANS) >= _PLANS_MAX:
-            _PLANS.clear()
-        plan = _PLANS[key] = _i64([group_size, len(bits), *ptrs, *bits, *counts])
+        plan = _new_plan(key, tensors, bits, counts, group_size, in_features, out_features)
     return plan
+
+
+def _new_plan(key, tensors, bits, counts, group_size: int, in_features: int, out_features: int) -> ctypes.Array:
+    why = None
+    if (len(bits) != len(counts) or any(b not in _BITS for b in bits) or any(c < 0 for c in counts)
+            or group_size < 1):
+        why = f"bad bands {list(zip(bits, counts))} or group size {group_size}"
+    if why is None:
+        layout = PackedFactors.layout(bits, counts, group_size, out_features, in_features)
+        for t, (name, (shape, _)) in zip(tensors, layout.items()):
+            if t.numel() != math.prod(shape):
+                why = f"{name} has {t.numel()} elements, the bands need {math.prod(shape)}"
+                break
+    if why is not None:
+        raise ValueError(f"deltacome_ao CPU kernel: inconsistent packed factors: {why}")
+    if len(_PLANS) >= _PLANS_MAX:
+        _PLANS.clear()
+    plan = _PLANS[key] = _i64([group_size, len(bits), *(t.data_ptr() for t in tensors), *bits, *counts])
+    return plan
+
+
+_U8, _F16, _F32 = torch.uint8, torch.float16, torch.float32
+_DECODE: dict = {}  # `_decode_plan`'s key -> (descriptor, multiply-adds per token row, descriptor as a list)
+
+
+def _decode_plan(vp, vs, vz, up, us, uz, s, bits, counts, group_size: int, in_features: int, out_features: int):
+    """(descriptor, multiply-adds per token row, the descriptor as a list) for one delta's factors when the
+    kernel reads them as they are, else None. The per-call part of `_plan` + `supported_tensors`, written
+    out for decode (a few token rows per call, where each microsecond of Python is a visible share of a
+    small layer): the key holds every tensor's address and size, and dtypes, device and contiguity are
+    checked on every call, so a changed tensor never meets a stale descriptor."""
+    if not (vp.dtype is _U8 and vs.dtype is _F16 and vz.dtype is _U8 and up.dtype is _U8 and us.dtype is _F16
+            and uz.dtype is _U8 and s.dtype is _F32 and vp.is_cpu and vs.is_cpu and vz.is_cpu and up.is_cpu
+            and us.is_cpu and uz.is_cpu and s.is_cpu and vp.is_contiguous() and vs.is_contiguous()
+            and vz.is_contiguous() and up.is_contiguous() and us.is_contiguous() and uz.is_contiguous()
+            and s.is_contiguous()):
+        return None
+    key = (vp.data_ptr(), vs.data_ptr(), vz.data_ptr(), up.data_ptr(), us.data_ptr(), uz.data_ptr(), s.data_ptr(),
+           vp.numel(), vs.numel(), vz.numel(), up.numel(), us.numel(), uz.numel(), s.numel(),
+           tuple(bits), tuple(counts), group_size, in_features, out_features)
+    hit = _DECODE.get(key)
+    if hit is None:
+        plan = _plan((vp, vs, vz, up, us, uz, s), bits, counts, group_size, in_features, out_features)
+        if len(_DECODE) >= _PLANS_MAX:
+            _DECODE.clear()
+        hit = _DECODE[key] = (plan, sum(counts) * (in_features + out_features), list(plan))
+    return hit
 
 
 def _call(desc: list) -> None:
@@ -353,8 +386,22 @@ def _flat_fp32(x: torch.Tensor, features: int) -> torch.Tensor:
 
 
 def delta_linear_cpu(x, base_weight, v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s, bits, counts, group_size):
-    tensors = (v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s)
     out_features, in_features = base_weight.shape
+    lib = _lib
+    if (lib is not None and _ENABLED and x.dtype is _F32 and base_weight.dtype is _F32 and x.is_cpu
+            and x.is_contiguous() and x.shape[-1] == in_features):
+        # decode (fp32, up to FUSED_MAX_TOKENS rows): the kernel adds the term straight into the base product
+        m = x.numel() // in_features if in_features else 0
+        if 0 < m <= FUSED_MAX_TOKENS:
+            hit = _decode_plan(v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s, bits, counts, group_size,
+                               in_features, out_features)
+            if hit is not None:
+                y = torch.nn.functional.linear(x, base_weight)
+                if hit[1] and lib.dc_delta1(hit[0], m, in_features, out_features, _threads(m * hit[1]),
+                                            x.data_ptr(), in_features, y.data_ptr(), out_features):
+                    raise MemoryError("deltacome_ao CPU kernel: out of memory")
+                return y
+    tensors = (v_packed, v_scale, v_zero, u_packed, u_scale, u_zero, s)
     if not _usable(x, tensors, in_features):
         from ..ops import delta_linear_reference
 
@@ -386,12 +433,23 @@ def delta_only_linear_cpu(x, v_packed, v_scale, v_zero, u_packed, u_scale, u_zer
 def segmented_delta_linear_cpu(y, x, rows, tensors, bits, counts, nbands, group_sizes):
     """All deltas of a step in one kernel call (those with at most FUSED_MAX_TOKENS token rows; larger
     ones dequantize blocks + GEMM); no per-delta work beyond assembling the call's descriptor."""
-    if (y.dtype not in _ACTIVATIONS or x.dtype not in _ACTIVATIONS or not x.is_cpu or x.numel() == 0
-            or library() is None or not supported_tensors(tensors)):
+    in_features, out_features = x.shape[-1], y.shape[-1]
+    hits = None
+    if (y.dtype in _ACTIVATIONS and x.dtype in _ACTIVATIONS and x.is_cpu and x.numel() and _lib is not None
+            and _ENABLED):
+        hits, b0 = [], 0
+        for i, nb in enumerate(nbands):
+            hit = _decode_plan(*tensors[7 * i:7 * i + 7], bits[b0:b0 + nb], counts[b0:b0 + nb], group_sizes[i],
+                               in_features, out_features)
+            b0 += nb
+            if hit is None:
+                hits = None
+                break
+            hits.append(hit)
+    if hits is None:
         from ..ops import segmented_delta_linear_reference
 
         return segmented_delta_linear_reference(y, x, rows, tensors, bits, counts, nbands, group_sizes)
-    in_features, out_features = x.shape[-1], y.shape[-1]
     per_row = x.numel() // (x.shape[0] * in_features)  # tokens per batch row
     x2 = _flat_fp32(x, in_features)
     y2 = y.to(torch.float32, copy=True).reshape(-1, out_features)
@@ -399,22 +457,24 @@ def segmented_delta_linear_cpu(y, x, rows, tensors, bits, counts, nbands, group_
     desc, fused, macs, b0 = [], [], 0, 0
     for i, r in enumerate(rows):
         nb = nbands[i]
-        bits_i, counts_i = bits[b0:b0 + nb], counts[b0:b0 + nb]
-        b0 += nb
-        rank = sum(counts_i)
         if steps is not None:
             r = (r[:, None] * per_row + steps).reshape(-1)
         m = r.numel()
-        if rank == 0 or m == 0:
+        plan, per_token, listed = hits[i]
+        if not per_token or m == 0:
+            b0 += nb
             continue
-        t = tensors[7 * i:7 * i + 7]
         if m > FUSED_MAX_TOKENS:
-            f = PackedFactors(*t, bits_i, counts_i, group_sizes[i], out_features, in_features)
+            f = PackedFactors(*tensors[7 * i:7 * i + 7], bits[b0:b0 + nb], counts[b0:b0 + nb], group_sizes[i],
+                              out_features, in_features)
             y2.index_add_(0, r, delta_term(x2.index_select(0, r), f))
+            b0 += nb
             continue
+        b0 += nb
         fused.append(r)
-        desc += _delta_block(m, t, bits_i, counts_i, group_sizes[i], in_features, out_features)
-        macs += m * rank * (in_features + out_features)
+        desc.append(m)
+        desc += listed
+        macs += m * per_token
     if fused:
         r = (torch.cat(fused) if len(fused) > 1 else fused[0]).to(torch.int64).contiguous()
         _call([len(fused), in_features, out_features, _threads(macs), x2.data_ptr(), x2.stride(0), y2.data_ptr(),

@@ -58,6 +58,9 @@ INLINE vi load_b(const uint8_t *p) {
 INLINE vf load_f(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 INLINE void store_f(float *p, vf v) { memcpy(p, &v, sizeof v); }
 
+#if defined(__F16C__)
+static inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
+#else
 static inline float h2f(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
     float f;
@@ -69,6 +72,7 @@ static inline float h2f(uint16_t h) {
     memcpy(&f, &bits, 4);
     return f;
 }
+#endif
 
 /* 16 fp16 values from a possibly odd address */
 INLINE vf load_h(const uint8_t *p) {
@@ -438,63 +442,74 @@ typedef struct {
 
 static int block_of(int64_t left) { return left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1; }
 
-/* Everything is described by `jobs` (one per delta, its token rows a contiguous block of xr / yr). */
+/* One thread's share (tid of nt) of both passes; `sync` runs between the V and the U pass (a barrier). */
+static void run_share(const job_t *jobs, int64_t njobs, const float *const *xr, float *const *yr,
+                      const int64_t *gs, float *scratch, int64_t total_rank, int tid, int nt, void (*sync)(void)) {
+    /* V pass: this thread's share of all the jobs' rows */
+    int64_t ra = total_rank * tid / nt, rb = total_rank * (tid + 1) / nt, base = 0;
+    seg_t segs_local[64];
+    for (int64_t d = 0; d < njobs; d++) {
+        const job_t *J = &jobs[d];
+        int64_t lo = ra > base ? ra - base : 0, hi = rb - base < J->rank ? rb - base : J->rank;
+        base += J->rank;
+        if (lo >= hi) continue;
+        int64_t ns = max_segs(J->v.L, gs[d]);
+        seg_t *segs = ns <= 64 ? segs_local : malloc(sizeof(seg_t) * ns);
+        int64_t nseg = make_segs(segs, J->v.L, gs[d], 0, pad8(J->v.L) / 8);
+        for (int64_t i = 0; i < J->nbands; i++) {
+            const band_t *b = &J->vb[i];
+            int64_t ja = lo > b->row0 ? lo - b->row0 : 0;
+            int64_t jb = hi - b->row0 < b->count ? hi - b->row0 : b->count;
+            if (ja >= jb) continue;
+            for (int64_t m = 0; m < J->m;) {
+                int mb = block_of(J->m - m);
+                vrows(b, &J->v, ja, jb, segs, nseg, mb, xr + J->m0 + m, J->s, scratch + J->t0 + m * J->rank, J->rank);
+                m += mb;
+            }
+        }
+        if (segs != segs_local) free(segs);
+    }
+    if (sync) sync();
+    /* U pass: this thread's columns c of every job's output */
+    for (int64_t d = 0; d < njobs; d++) {
+        const job_t *J = &jobs[d];
+        int64_t P8 = pad8(J->u.L) / 8;
+        int64_t ca = (P8 * tid / nt) / VL * VL, cb = tid == nt - 1 ? P8 : (P8 * (tid + 1) / nt) / VL * VL;
+        if (ca >= cb) continue;
+        int64_t ns = max_segs(J->u.L, gs[d]);
+        seg_t *segs = ns <= 64 ? segs_local : malloc(sizeof(seg_t) * ns);
+        int64_t nseg = make_segs(segs, J->u.L, gs[d], ca, cb);
+        for (int64_t i = 0; i < J->nbands; i++) {
+            for (int64_t m = 0; m < J->m;) {
+                int mb = block_of(J->m - m);
+                urows(&J->ub[i], &J->u, segs, nseg, ca, cb, mb, scratch + J->t0 + m * J->rank, J->rank, yr + J->m0 + m);
+                m += mb;
+            }
+        }
+        if (segs != segs_local) free(segs);
+    }
+}
+
+#ifdef _OPENMP
+static void omp_sync(void) {
+#pragma omp barrier
+}
+#endif
+
+/* Everything is described by `jobs` (one per delta, its token rows a contiguous block of xr / yr). One
+ * thread runs without entering an OpenMP region (that costs about a microsecond per call). */
 static void run_jobs(const job_t *jobs, int64_t njobs, const float *const *xr, float *const *yr,
                      const int64_t *gs, float *scratch, int nthreads) {
     int64_t total_rank = 0;
     for (int64_t d = 0; d < njobs; d++) total_rank += jobs[d].rank;
 #ifdef _OPENMP
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
-#endif
-    {
-        int tid = 0, nt = 1;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-        nt = omp_get_num_threads();
-#endif
-        /* V pass: this thread's share of all the jobs' rows */
-        int64_t ra = total_rank * tid / nt, rb = total_rank * (tid + 1) / nt, base = 0;
-        for (int64_t d = 0; d < njobs; d++) {
-            const job_t *J = &jobs[d];
-            int64_t lo = ra > base ? ra - base : 0, hi = rb - base < J->rank ? rb - base : J->rank;
-            base += J->rank;
-            if (lo >= hi) continue;
-            seg_t *segs = malloc(sizeof(seg_t) * max_segs(J->v.L, gs[d]));
-            int64_t nseg = make_segs(segs, J->v.L, gs[d], 0, pad8(J->v.L) / 8);
-            for (int64_t i = 0; i < J->nbands; i++) {
-                const band_t *b = &J->vb[i];
-                int64_t ja = lo > b->row0 ? lo - b->row0 : 0;
-                int64_t jb = hi - b->row0 < b->count ? hi - b->row0 : b->count;
-                if (ja >= jb) continue;
-                for (int64_t m = 0; m < J->m;) {
-                    int mb = block_of(J->m - m);
-                    vrows(b, &J->v, ja, jb, segs, nseg, mb, xr + J->m0 + m, J->s, scratch + J->t0 + m * J->rank, J->rank);
-                    m += mb;
-                }
-            }
-            free(segs);
-        }
-#ifdef _OPENMP
-#pragma omp barrier
-#endif
-        /* U pass: this thread's columns c of every job's output */
-        for (int64_t d = 0; d < njobs; d++) {
-            const job_t *J = &jobs[d];
-            int64_t P8 = pad8(J->u.L) / 8;
-            int64_t ca = (P8 * tid / nt) / VL * VL, cb = tid == nt - 1 ? P8 : (P8 * (tid + 1) / nt) / VL * VL;
-            if (ca >= cb) continue;
-            seg_t *segs = malloc(sizeof(seg_t) * max_segs(J->u.L, gs[d]));
-            int64_t nseg = make_segs(segs, J->u.L, gs[d], ca, cb);
-            for (int64_t i = 0; i < J->nbands; i++) {
-                for (int64_t m = 0; m < J->m;) {
-                    int mb = block_of(J->m - m);
-                    urows(&J->ub[i], &J->u, segs, nseg, ca, cb, mb, scratch + J->t0 + m * J->rank, J->rank, yr + J->m0 + m);
-                    m += mb;
-                }
-            }
-            free(segs);
-        }
+    if (nthreads > 1) {
+#pragma omp parallel num_threads(nthreads)
+        run_share(jobs, njobs, xr, yr, gs, scratch, total_rank, omp_get_thread_num(), omp_get_num_threads(), omp_sync);
+        return;
     }
+#endif
+    run_share(jobs, njobs, xr, yr, gs, scratch, total_rank, 0, 1, 0);
 }
 
 /* The delta terms of one or many deltas, described by one int64 array (one ctypes argument):

@@ -275,15 +275,16 @@ class MixedPrecisionDeltaTensor(DeltaTensor):
         return MixedPrecisionDeltaTensor.from_factors(base, slice_factors(self.factors, dim, start, end))
 
     def linear(self, x, bias=None):
-        tensors = (self.v_packed, self.v_scale, self.v_zero, self.u_packed, self.u_scale, self.u_zero, self.s)
-        bits, counts = list(self.bits), list(self.counts)
-        if is_plain(self.base_weight):  # eager CPU: the registered kernel directly (ops.direct_kernel)
-            y = (direct_kernel(delta_linear, x) or delta_linear)(x, self.base_weight, *tensors, bits, counts,
-                                                                  self.group_size)
+        base = self.base_weight
+        if is_plain(base):  # eager CPU: the registered kernel directly (ops.direct_kernel)
+            y = (direct_kernel(delta_linear, x) or delta_linear)(
+                x, base, self.v_packed, self.v_scale, self.v_zero, self.u_packed, self.u_scale, self.u_zero, self.s,
+                list(self.bits), list(self.counts), self.group_size)
         else:  # a quantized base (`with_base`): its own linear, plus the delta term alone
             out_features, in_features = self.shape
-            y = torch.nn.functional.linear(x, self.base_weight) + (direct_kernel(delta_only_linear, x) or delta_only_linear)(
-                x, *tensors, bits, counts, out_features, in_features, self.group_size)
+            y = torch.nn.functional.linear(x, base) + (direct_kernel(delta_only_linear, x) or delta_only_linear)(
+                x, self.v_packed, self.v_scale, self.v_zero, self.u_packed, self.u_scale, self.u_zero, self.s,
+                list(self.bits), list(self.counts), out_features, in_features, self.group_size)
         return y if bias is None else y + bias
 
 

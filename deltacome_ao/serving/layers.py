@@ -7,7 +7,7 @@ delta's term on its rows: deltas stored as packed low-rank factors go through on
 Triton kernel on CUDA), other kinds through their own `DeltaTensor.delta_term`. `MultiDeltaEmbedding`
 and `MultiDeltaModule` serve the kept (dense) tensors of a delta — an embedding table, or the
 parameters of a leaf module such as a norm — per row, by running the module's own forward with the
-delta's tensors (`torch.func.functional_call`): an embedding subclass with a forward of its own
+delta's tensors (a shallow copy of the module holding them, `with_tensors`): an embedding subclass with a forward of its own
 (Gemma's scaled embedding) gives every row what that model alone gives.
 
 All three share `MultiDeltaLayer`: a copy-on-write registry (id -> `DeltaEntry`) that forwards read
@@ -16,6 +16,7 @@ as one consistent snapshot, `add_delta` / `remove` / `delta_ids` / `delta_nbytes
 
 from __future__ import annotations
 
+import copy
 import inspect
 import itertools
 import threading
@@ -252,7 +253,8 @@ class MultiDeltaModule(MultiDeltaLayer):
     parameters of its own *and* children (CLIP's vision embeddings: a class embedding next to the patch
     convolution and the position table), served as one unit with its whole subtree. The base module runs
     on every row, then each such delta's rows run through it again with the delta's parameters
-    (`torch.func.functional_call`, nested names for the subtree's), so whatever the module computes, a
+    (`with_tensors`: a shallow copy holding them, nested names for the subtree's; the module itself is never
+    modified, so concurrent forwards stay right), so whatever the module computes, a
     row gets what the delta's model alone gives. Needs a forward whose first argument and output are
     batch-first tensors (an input with batch size 1, e.g. position ids, is shared by every row). The
     module's parameters, buffers and children are registered here under their own names (state dicts and
@@ -340,8 +342,7 @@ class MultiDeltaModule(MultiDeltaLayer):
                 # are cut to the group's rows too, so the module sees one consistent sub-batch
                 group_args = tuple(_batch_rows(a, rows, x.shape[0]) for a in args)
                 group_kwargs = {k: _batch_rows(v, rows, x.shape[0]) for k, v in kwargs.items()}
-                yg = torch.func.functional_call(self._inner, dict(params), (x.index_select(0, rows), *group_args),
-                                                group_kwargs)
+                yg = with_tensors(self._inner, params)(x.index_select(0, rows), *group_args, **group_kwargs)
                 if yg.dim() > 0 and yg.shape[0] == 1 and rows.numel() > 1:
                     yg = yg.expand(rows.numel(), *yg.shape[1:])
                 y = y.index_copy(0, rows, yg)
@@ -400,6 +401,40 @@ class MultiDeltaEmbedding(MultiDeltaModule):
 
     def extra_repr(self) -> str:
         return f"{type(self._inner).__name__}({self.num_embeddings}, {self.embedding_dim}), {self._deltas_repr()}"
+
+
+def with_tensors(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """A shallow copy of `module` that holds `tensors` (parameter / buffer names, nested ones with dots)
+    in place of its own; everything else (other tensors, submodules, hooks) is shared. Unlike
+    `torch.func.functional_call`, which swaps the tensors on the module for the call, `module` is never
+    modified, so forwards of other threads on it see the base tensors. KeyError for a name the module does
+    not have."""
+    clone = copy.copy(module)
+    own, nested = {}, {}
+    for name, value in tensors.items():
+        head, dot, rest = name.partition(".")
+        if dot:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            own[name] = value
+    if own:
+        parameters, buffers = dict(module._parameters), dict(module._buffers)
+        for name, value in own.items():
+            if name in parameters:
+                parameters[name] = value
+            elif name in buffers:
+                buffers[name] = value
+            else:
+                raise KeyError(f"{type(module).__name__} has no parameter or buffer {name!r}")
+        clone._parameters, clone._buffers = parameters, buffers
+    if nested:
+        children = dict(module._modules)
+        for head, sub in nested.items():
+            if children.get(head) is None:
+                raise KeyError(f"{type(module).__name__} has no submodule {head!r}")
+            children[head] = with_tensors(children[head], sub)
+        clone._modules = children
+    return clone
 
 
 def _is_cache(value) -> bool:
