@@ -16,7 +16,8 @@ each projection gets a rank-64 delta with singular values decaying as exp(-i/16)
 `--delta-scale` × the weight's, plus dense N(0, (`--noise` × that low-rank part's RMS)²) noise;
 embeddings and lm_head get a small dense change, norms a small change (so they are kept tensors).
 
-`run` compresses with `compress_streaming` (alpha 1/16, `svd="randomized"`) in a child process and
+`run` compresses with `compress_streaming` (alpha 1/16, group 128, the library's default SVD — `svd` is
+not passed unless `--svd` is given; "auto" today, `decompose.delta_svd`) in a child process and
 measures its wall time and peak RSS: the child's VmHWM (the kernel's high-water mark of its resident
 set since exec, file-backed pages included), which it reads from /proc/self/status once the
 artifact is written; the parent also polls /proc/<pid>/status (VmRSS, VmHWM) every `--poll` seconds
@@ -198,8 +199,9 @@ def _child(args):
     from deltacome_ao.streaming import compress_streaming
 
     root = Path(args.dir)
+    svd = {"svd": args.svd} if args.svd is not None else {}  # None: the library's default
     summary = compress_streaming(root / "base", root / "finetuned", Path(args.out), alpha=args.alpha,
-                                 svd=args.svd, group_size=128, overwrite=True, progress=True)
+                                 group_size=128, overwrite=True, progress=True, **svd)
     summary["vm_hwm_bytes"] = _status(os.getpid()).get("VmHWM", 0)  # this process's peak RSS since exec
     Path(args.summary).write_text(json.dumps(summary, indent=1))
 
@@ -220,7 +222,8 @@ def measure(args) -> tuple[dict, dict]:
     """Run the child; -> (its summary, {wall_s, peak_rss_bytes, polled_hwm_bytes})."""
     summary_path = Path(args.out).parent / f".{Path(args.out).name}.summary.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "_child", "--dir", str(args.dir), "--out", str(args.out),
-           "--alpha", repr(args.alpha), "--svd", args.svd, "--summary", str(summary_path)]
+           "--alpha", repr(args.alpha), *(["--svd", args.svd] if args.svd is not None else []),
+           "--summary", str(summary_path)]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd)
     polled = {"hwm": 0}
@@ -321,6 +324,8 @@ def markdown(result: dict) -> str:
 
 
 def run(args) -> dict:
+    from deltacome_ao.config import DeltaCoMeConfig
+
     root = Path(args.dir)
     pair = json.loads((root / "pair.json").read_text())
     if pair["layers"] != args.layers:
@@ -338,7 +343,10 @@ def run(args) -> dict:
         "host": f"{os.cpu_count()} CPU cores, {platform.machine()}, torch {torch.__version__}, "
                 f"{torch.get_num_threads()} threads, nice {os.nice(0)}",
         "pair": pair,
-        "options": {"alpha": args.alpha, "svd": args.svd, "group_size": 128, "method": "deltacome", "allocation": "paper"},
+        "options": {"alpha": args.alpha, "svd": args.svd if args.svd is not None else DeltaCoMeConfig.svd,
+                    "svd_given": args.svd is not None, "group_size": 128, "method": "deltacome",
+                    "allocation": "paper"},
+        "commit": _commit(),
         "peak_rss_method": "VmHWM of the compressing child process, read by itself from /proc/self/status after "
                            "the artifact is written (the kernel's high-water mark of its resident set since exec, "
                            "file-backed pages included); polled_hwm_bytes: the same polled from the parent every "
@@ -356,6 +364,17 @@ def run(args) -> dict:
     print(markdown(result))
     print(f"\nwrote {path}")
     return result
+
+
+def _commit() -> str | None:
+    """The checkout's commit (with "+dirty" when tracked files differ from it), or None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def results_path(args) -> Path:
@@ -408,7 +427,8 @@ def main(argv=None):
     parser.add_argument("--delta-scale", type=float, default=0.02, help="‖low-rank delta‖_F / ‖W_base‖_F")
     parser.add_argument("--noise", type=float, default=0.1, help="dense noise RMS / low-rank delta RMS")
     parser.add_argument("--alpha", type=float, default=1 / 16)
-    parser.add_argument("--svd", default="randomized", choices=["auto", "exact", "randomized"])
+    parser.add_argument("--svd", default=None, choices=["auto", "exact", "randomized"],
+                        help="SVD method passed to compress_streaming (default: not passed, the library's default)")
     parser.add_argument("--out", help="artifact directory (default: DIR/delta)")
     parser.add_argument("--results", help="results JSON path (default: benchmarks/results/streaming-7b.json; "
                         "--smoke: a temporary file)")
