@@ -5,6 +5,8 @@
     python benchmarks/streaming.py run  [--dir DIR] [--layers 32]      # compress it, measure, check, write results
     python benchmarks/streaming.py all  [--dir DIR] [--layers 32] [--clean]   # both (--clean: delete the pair after)
     python benchmarks/streaming.py load [--dir DIR]                    # optional: load_delta onto the whole base (~15 GB)
+    python benchmarks/streaming.py matrix [--shapes 4096x11008,11008x4096] [--dtypes float32] [--code DIR]
+                                                                       # peak RSS of compressing one matrix pair
     python benchmarks/streaming.py --smoke [--results PATH]           # CPU check of every step on a tiny pair (~15 s)
 
 The pair is Llama-shaped (hidden 4096, MLP 11008, 32 heads, vocab 32000, untied lm_head; `--layers`
@@ -16,7 +18,8 @@ each projection gets a rank-64 delta with singular values decaying as exp(-i/16)
 `--delta-scale` × the weight's, plus dense N(0, (`--noise` × that low-rank part's RMS)²) noise;
 embeddings and lm_head get a small dense change, norms a small change (so they are kept tensors).
 
-`run` compresses with `compress_streaming` (alpha 1/16, `svd="randomized"`) in a child process and
+`run` compresses with `compress_streaming` (alpha 1/16, group 128, the library's default SVD — `svd` is
+not passed unless `--svd` is given; "auto" today, `decompose.delta_svd`) in a child process and
 measures its wall time and peak RSS: the child's VmHWM (the kernel's high-water mark of its resident
 set since exec, file-backed pages included), which it reads from /proc/self/status once the
 artifact is written; the parent also polls /proc/<pid>/status (VmRSS, VmHWM) every `--poll` seconds
@@ -27,6 +30,15 @@ the true delta (fine-tuned − base as stored, fp32): relative Frobenius error, 
 of the delta that is not the rank-64 part (what no rank-64 method could recover).
 Writes benchmarks/results/streaming-7b.json (atomically; `streaming-7b-<L>layers.json` for
 `--layers` other than 32) and prints a markdown table.
+
+`matrix` measures the memory of the per-matrix step alone: for each shape and dtype, a fresh child
+process makes a fine-tuned / base pair in memory (base N(0, 0.02²), fine-tuned = base + a rank-64
+delta + dense noise), then compresses it as `compress_streaming` does (default settings, the base
+handed over: `methods.handing_over_base`; a checkout without it: the config as it is) and reports its
+VmHWM minus its VmRSS right before the call (the high-water mark is reset there through
+/proc/self/clear_refs, so making the inputs does not count). `--code DIR` runs the child in another
+checkout (its `deltacome_ao`), e.g. a worktree of an older commit. Writes
+benchmarks/results/streaming-matrix-peak.json (or `--results`).
 
 `--smoke` checks the script itself: make, run and load on a 2-layer pair with hidden 128, MLP 344,
 4 heads, vocab 256 (same rank-64 deltas, shards of ~100 kB) in a temporary directory that is deleted
@@ -198,8 +210,9 @@ def _child(args):
     from deltacome_ao.streaming import compress_streaming
 
     root = Path(args.dir)
+    svd = {"svd": args.svd} if args.svd is not None else {}  # None: the library's default
     summary = compress_streaming(root / "base", root / "finetuned", Path(args.out), alpha=args.alpha,
-                                 svd=args.svd, group_size=128, overwrite=True, progress=True)
+                                 group_size=128, overwrite=True, progress=True, **svd)
     summary["vm_hwm_bytes"] = _status(os.getpid()).get("VmHWM", 0)  # this process's peak RSS since exec
     Path(args.summary).write_text(json.dumps(summary, indent=1))
 
@@ -220,7 +233,8 @@ def measure(args) -> tuple[dict, dict]:
     """Run the child; -> (its summary, {wall_s, peak_rss_bytes, polled_hwm_bytes})."""
     summary_path = Path(args.out).parent / f".{Path(args.out).name}.summary.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), "_child", "--dir", str(args.dir), "--out", str(args.out),
-           "--alpha", repr(args.alpha), "--svd", args.svd, "--summary", str(summary_path)]
+           "--alpha", repr(args.alpha), *(["--svd", args.svd] if args.svd is not None else []),
+           "--summary", str(summary_path)]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd)
     polled = {"hwm": 0}
@@ -321,6 +335,8 @@ def markdown(result: dict) -> str:
 
 
 def run(args) -> dict:
+    from deltacome_ao.config import DeltaCoMeConfig
+
     root = Path(args.dir)
     pair = json.loads((root / "pair.json").read_text())
     if pair["layers"] != args.layers:
@@ -338,7 +354,10 @@ def run(args) -> dict:
         "host": f"{os.cpu_count()} CPU cores, {platform.machine()}, torch {torch.__version__}, "
                 f"{torch.get_num_threads()} threads, nice {os.nice(0)}",
         "pair": pair,
-        "options": {"alpha": args.alpha, "svd": args.svd, "group_size": 128, "method": "deltacome", "allocation": "paper"},
+        "options": {"alpha": args.alpha, "svd": args.svd if args.svd is not None else DeltaCoMeConfig.svd,
+                    "svd_given": args.svd is not None, "group_size": 128, "method": "deltacome",
+                    "allocation": "paper"},
+        "commit": _commit(),
         "peak_rss_method": "VmHWM of the compressing child process, read by itself from /proc/self/status after "
                            "the artifact is written (the kernel's high-water mark of its resident set since exec, "
                            "file-backed pages included); polled_hwm_bytes: the same polled from the parent every "
@@ -355,6 +374,99 @@ def run(args) -> dict:
     write_text_atomic(path, json.dumps(result, indent=1) + "\n")
     print(markdown(result))
     print(f"\nwrote {path}")
+    return result
+
+
+def _commit(root: Path = REPO) -> str | None:
+    """The checkout's commit (with "+dirty" when tracked files differ from it), or None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+# --- one matrix pair: peak memory of the per-matrix step ---------------------------------------------
+
+# Run with `python -c` in the checkout measured (cwd first on sys.path: its deltacome_ao), argv: shape dtype.
+_MATRIX_CHILD = r'''
+import json, sys, time
+import torch
+
+
+def status():
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+out_f, in_f = map(int, sys.argv[1].split("x"))
+dtype = getattr(torch, sys.argv[2])
+import deltacome_ao
+from deltacome_ao.config import DeltaCoMeConfig
+try:
+    from deltacome_ao.methods import handing_over_base  # what compress_streaming compresses with
+except ImportError:  # a checkout before it: compress_streaming used the config as it is
+    def handing_over_base(config):
+        return config
+g = torch.Generator().manual_seed(0)
+base = torch.empty(out_f, in_f).normal_(0, 0.02, generator=g)
+# as the pair's projections: a rank-64 delta of RMS 0.02 x the weight's (0.0004), dense noise 0.1 x that
+ft = torch.empty(out_f, in_f).normal_(0, 4e-5, generator=g)
+ft.addmm_(torch.randn(out_f, 64, generator=g), torch.randn(64, in_f, generator=g), alpha=4e-4 / 8)
+ft.add_(base)
+base, ft = base.to(dtype), ft.to(dtype)
+config = handing_over_base(DeltaCoMeConfig(base={}, progress=False))
+config.compress(torch.randn(300, 200), torch.randn(300, 200), "warm-up")  # one-time allocations
+before = status()["VmRSS"]
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    reset = True
+except OSError:
+    reset = False
+start = time.perf_counter()
+w = config.compress(ft, base, "w")
+seconds = time.perf_counter() - start
+peak = status()["VmHWM"]
+print(json.dumps({"shape": sys.argv[1], "dtype": sys.argv[2], "inputs_bytes": 2 * base.numel() * base.element_size(),
+                  "rss_before_bytes": before, "peak_over_inputs_bytes": peak - before, "hwm_reset": reset,
+                  "seconds": seconds, "bands": [list(b) for b in zip(w.bits, w.counts)],
+                  "base_copied": w.base_weight.untyped_storage().data_ptr() != base.untyped_storage().data_ptr(),
+                  "module": deltacome_ao.__file__}))
+'''
+
+
+def matrix(args) -> dict:
+    code = Path(args.code).resolve() if args.code else REPO
+    rows = []
+    for dtype in args.dtypes.split(","):
+        for shape in args.shapes.split(","):
+            out = subprocess.run([sys.executable, "-c", _MATRIX_CHILD, shape, dtype], cwd=code, check=True,
+                                 capture_output=True, text=True)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            r = rows[-1]
+            print(f"{shape} {dtype}: inputs {r['inputs_bytes'] / 1e6:.0f} MB, peak over them "
+                  f"{r['peak_over_inputs_bytes'] / 1e6:.0f} MB, {r['seconds']:.1f} s", flush=True)
+    result = {
+        "what": "peak RSS of compressing one matrix pair as compress_streaming does (default settings), each in a "
+                "fresh process: VmHWM minus VmRSS right before the call (high-water mark reset there)",
+        "command": args.command_line, "code": str(code), "commit": _commit(code),
+        "host": f"{os.cpu_count()} CPU cores, {platform.machine()}, torch {torch.__version__}",
+        "rows": rows, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+    }
+    path = Path(args.results) if args.results and not args.smoke else (
+        Path(tempfile.gettempdir()) / "deltacome-benchmarks" / "streaming-matrix-smoke.json" if args.smoke
+        else REPO / "benchmarks" / "results" / "streaming-matrix-peak.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(result, indent=1) + "\n")
+    print(f"wrote {path}")
     return result
 
 
@@ -397,7 +509,7 @@ def load_check(args) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("step", nargs="?", choices=["make", "run", "all", "load", "_child"],
+    parser.add_argument("step", nargs="?", choices=["make", "run", "all", "load", "matrix", "_child"],
                         help="required unless --smoke")
     parser.add_argument("--smoke", action="store_true",
                         help="make + run + load on a tiny 2-layer pair in a temporary directory (deleted after)")
@@ -408,12 +520,16 @@ def main(argv=None):
     parser.add_argument("--delta-scale", type=float, default=0.02, help="‖low-rank delta‖_F / ‖W_base‖_F")
     parser.add_argument("--noise", type=float, default=0.1, help="dense noise RMS / low-rank delta RMS")
     parser.add_argument("--alpha", type=float, default=1 / 16)
-    parser.add_argument("--svd", default="randomized", choices=["auto", "exact", "randomized"])
+    parser.add_argument("--svd", default=None, choices=["auto", "exact", "randomized"],
+                        help="SVD method passed to compress_streaming (default: not passed, the library's default)")
     parser.add_argument("--out", help="artifact directory (default: DIR/delta)")
     parser.add_argument("--results", help="results JSON path (default: benchmarks/results/streaming-7b.json; "
                         "--smoke: a temporary file)")
     parser.add_argument("--poll", type=float, default=1.0, help="seconds between /proc polls")
     parser.add_argument("--clean", action="store_true", help="all: delete the pair and the artifact afterwards")
+    parser.add_argument("--shapes", default="4096x11008,11008x4096", help="matrix: out x in of each pair")
+    parser.add_argument("--dtypes", default="float32", help="matrix: dtype(s) of the pair, e.g. float32,bfloat16")
+    parser.add_argument("--code", help="matrix: the checkout whose deltacome_ao is measured (default: this one)")
     parser.add_argument("--summary", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.command_line = "python benchmarks/streaming.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -436,6 +552,10 @@ def main(argv=None):
         run(args)
     if args.step == "load" or args.smoke:
         load_check(args)
+    if args.step == "matrix" or args.smoke:
+        if args.smoke:
+            args.shapes, args.dtypes = "344x128,128x344", "float32,bfloat16"
+        matrix(args)
     if args.step == "all" and args.clean:
         shutil.rmtree(args.dir)
         print(f"deleted {args.dir}")

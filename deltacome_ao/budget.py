@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .allocate import budget_bits, candidate_costs, global_allocation, max_candidate_vectors, optimal_allocation
-from .decompose import weight_delta
+from .decompose import any_nonzero, weight_delta
 from .methods.mixed_precision import BudgetTooSmallError, normalized_svd, svd_options, vector_errors, with_planned_widths
 
 __all__ = ["MatrixTable", "GlobalPlan", "SENSITIVITIES", "DEFAULT_CAP", "matrix_table", "solve_plan",
@@ -88,7 +88,7 @@ def matrix_table(name: str, delta: torch.Tensor, options, alpha: float, cap: flo
     cap_bits = math.floor(cap * own)
     costs = candidate_costs(options.candidates, out_features, in_features, options.group_size)
     rank = max_candidate_vectors(out_features, in_features, cap * alpha, options.candidates, options.group_size)
-    if rank == 0 or not torch.any(delta):
+    if rank == 0 or not any_nonzero(delta):
         return MatrixTable(name, (out_features, in_features), rank, torch.zeros(0, len(costs), dtype=torch.float64),
                            costs, own, cap_bits)
     whiten = hessian if options.whiten else None
@@ -243,7 +243,7 @@ def plan_global(root: nn.Module, targets, config: Any, device: Any = None, calib
         st = stats.get(layer.key)
         for name, f, b in layer_matrices(layer, finetuned, base):
             delta = weight_delta(f, b, name)
-            changed = changed or bool(torch.any(delta))
+            changed = changed or any_nonzero(delta)
             if sensitivity == "weight":
                 tables.append(matrix_table(name, delta, options, config.alpha, cap))
             elif st is None:  # no activations of its own (stacked experts): scaled below

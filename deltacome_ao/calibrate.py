@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .methods import handing_over_base
+
 __all__ = ["find_decoder_layers", "calibrated_weights", "STDLIB_CORPUS_FILES", "stdlib_text"]
 
 # A calibration text that exists wherever Python does: fixed files of its standard library (the
@@ -202,8 +204,10 @@ def calibrated_weights(root: nn.Module, targets, config, compress_layer) -> dict
         compressed = {}
         for sub_name, target in group:
             finetuned = getattr(target.module, target.param).detach()
-            base = config.base[target.key].to(device=finetuned.device, dtype=finetuned.dtype)
-            weight = compress_layer(target, finetuned, base, config, hessian=hessians.pop(id(target.module)))
+            stored = config.base[target.key]
+            base = stored.to(device=finetuned.device, dtype=finetuned.dtype)
+            weight = compress_layer(target, finetuned, base, _owning(config, base, stored),
+                                    hessian=hessians.pop(id(target.module)))
             weights[(id(target.module), target.param)] = weight
             if weight is not None:  # (None: stays dense, the next layer sees the fine-tuned weight)
                 compressed[f"{sub_name}.{target.param}" if sub_name else target.param] = weight.dequantize(finetuned.dtype)
@@ -215,9 +219,17 @@ def calibrated_weights(root: nn.Module, targets, config, compress_layer) -> dict
             record[0] = _layer_output(out).detach()
     for target in outside + experts:
         finetuned = getattr(target.module, target.param).detach()
-        base = config.base[target.key].to(device=finetuned.device, dtype=finetuned.dtype)
-        weights[(id(target.module), target.param)] = compress_layer(target, finetuned, base, config)
+        stored = config.base[target.key]
+        base = stored.to(device=finetuned.device, dtype=finetuned.dtype)
+        weights[(id(target.module), target.param)] = compress_layer(target, finetuned, base,
+                                                                    _owning(config, base, stored))
     return weights
+
+
+def _owning(config, base, stored):
+    """`config`, or (`base` a cast made here, not the caller's tensor) its copy that lets the compressed
+    weight hold `base` as it is (`methods.handing_over_base`)."""
+    return handing_over_base(config) if base is not stored else config
 
 
 def _layer_hessians(layer: nn.Module, group, records, index: int) -> dict:

@@ -39,6 +39,7 @@ from .calibrate import calibrated_weights
 from .checkpoint import BaseWeights, check_pair, unaliased
 from .delta_tensor import DeltaTensor
 from .format import layer_key, method_fields
+from .methods import handing_over_base
 from .methods.mixed_precision import BudgetTooSmallError
 from .recipes import recipe_for
 from .self_calibration import as_self_calibration, self_calibration_samples
@@ -226,12 +227,17 @@ def compress_layer(layer: Layer, finetuned: torch.Tensor, base: torch.Tensor, co
     if layer.form == "experts":
         mats_ft = finetuned.transpose(-2, -1) if layer.in_out else finetuned
         mats_base = base.transpose(-2, -1) if layer.in_out else base
-        weights = [config.compress(mats_ft[e], mats_base[e].contiguous(), f"{name}[{e}]")
+        each = handing_over_base(config)  # `stack` copies the experts' base weights into one tensor
+        weights = [each.compress(mats_ft[e], mats_base[e].contiguous(), f"{name}[{e}]")
                    for e in range(finetuned.shape[0])]
         stacked = type(weights[0]).stack(weights)
         return (stacked.transposed() if layer.in_out else stacked).with_contiguous_parts()
     if layer.form == "conv1d":
-        w = config.compress(finetuned.t(), base.t().contiguous(), name, hessian=hessian)
+        base_t = base.t()
+        base_in = base_t.contiguous()
+        # a fresh (out, in) copy needs no second one inside the compressed weight
+        w = (handing_over_base(config) if base_in is not base_t else config).compress(
+            finetuned.t(), base_in, name, hessian=hessian)
         return w.transposed().with_contiguous_parts()
     return config.compress(finetuned, base, name, hessian=hessian)
 
@@ -303,8 +309,12 @@ def plan_compression(root: torch.nn.Module, config: Any, targets: Iterable, devi
             finetuned = getattr(layer.module, layer.param).detach()
             if device is not None:
                 finetuned = finetuned.to(device)
-            base = config.base[layer.key].to(device=finetuned.device, dtype=finetuned.dtype)
-            weights[(id(layer.module), layer.param)] = compress_or_skip(layer, finetuned, base, config)
+            stored = config.base[layer.key]
+            base = stored.to(device=finetuned.device, dtype=finetuned.dtype)
+            # the compressed weight copies the caller's base tensor (the caller may change it later),
+            # but may hold a cast made here as it is
+            weights[(id(layer.module), layer.param)] = compress_or_skip(
+                layer, finetuned, base, handing_over_base(config) if base is not stored else config)
     weights = {k: w for k, w in weights.items() if w is not None}
     if errors and not weights:
         raise errors[0]

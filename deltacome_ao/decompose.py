@@ -42,10 +42,34 @@ def weight_delta(finetuned: torch.Tensor, base: torch.Tensor, name: str = "weigh
             f"{name}: fine-tuned weight has shape {tuple(finetuned.shape)} but the base weight has "
             f"{tuple(base.shape)}; the base must be the model this one was fine-tuned from"
         )
-    for label, t in (("fine-tuned", finetuned), ("base", base)):
-        if not torch.isfinite(t).all():
-            raise ValueError(f"{name}: the {label} weight contains NaN or Inf values; fix the checkpoint first")
-    return finetuned.detach().float() - base.detach().to(finetuned.device).float()
+    finetuned, base = finetuned.detach(), base.detach().to(finetuned.device)
+    # One m×n fp32 result and no other full-size temporary: an fp32 fine-tuned tensor is subtracted from
+    # as it is, a lower-precision one is cast once and the base subtracted in place; a bf16 / fp16 / fp32
+    # base is converted inside the subtraction (exactly, as `.float()` would). The values are those of
+    # `finetuned.float() - base.float()`, bit for bit (an fp64 base is rounded to fp32 first, as before).
+    other = base if base.dtype in (torch.float32, torch.bfloat16, torch.float16) else base.float()
+    if finetuned.dtype == torch.float32:
+        delta = torch.sub(finetuned, other)
+    else:
+        delta = finetuned.float().sub_(other)
+    if not _finite(delta):  # NaN / Inf in either weight shows in the delta; the weights are checked only then
+        for label, t in (("fine-tuned", finetuned), ("base", base)):
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{name}: the {label} weight contains NaN or Inf values; fix the checkpoint first")
+    return delta
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in `t`, in one reduction (`torch.isfinite(t).all()` makes full-size temporaries)."""
+    if not t.numel():
+        return True
+    lo, hi = torch.aminmax(t)  # NaN propagates into both
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+
+
+def any_nonzero(t: torch.Tensor) -> bool:
+    """`bool(torch.any(t))` without its full-size bool temporary."""
+    return bool(t.count_nonzero())
 
 
 def delta_svd(
@@ -70,7 +94,7 @@ def delta_svd(
     k = full if rank is None else max(0, min(rank, full))
     if method not in ("auto", "exact", "randomized"):
         raise ValueError(f"unknown SVD method {method!r}; use 'auto', 'exact' or 'randomized'")
-    if k == 0 or not torch.any(delta):
+    if k == 0 or not any_nonzero(delta):
         return DeltaSVD(delta.new_zeros(m, 0), delta.new_zeros(0), delta.new_zeros(0, n))
     use_randomized = method == "randomized" or (method == "auto" and full >= _RANDOMIZED_MIN_DIM
                                                 and k + oversample < _RANDOMIZED_MAX_FRACTION * full)

@@ -34,6 +34,7 @@ from .artifact import DeltaArtifact
 from .checkpoint import BaseWeights, CheckpointMismatchError, check_pair, few, safetensors_files
 from .compress import compress_layer, coverage_summary, matmul_layers, uncompressed_reason
 from .config import DeltaCoMeConfig
+from .methods import handing_over_base
 from .methods.mixed_precision import BudgetTooSmallError
 from .fingerprint import fingerprint, same, tensor_entry
 from .format import CONFIG_NAME, SEP, WEIGHTS_NAME, model_config as config_fields
@@ -247,6 +248,9 @@ def compress_streaming(
     check_pair(base, {k: ft.shape(k) for k in order}, list(compressed), model_type=ft.model_type, strict=strict,
                ignore=aliases)
     base_set = set(base.keys())
+    # each base tensor is read (or cast) for its one compress call and dropped with the compressed weight
+    # right after: the weight may hold it as it is (no copy of the base per matrix)
+    compressing = handing_over_base(config)
     skipped: dict[str, str] = {}
     budget_errors: list = []
 
@@ -273,7 +277,8 @@ def compress_streaming(
                 name = layer.name if layer is not None else key[: -len(".weight")]
                 t0 = time.perf_counter()
                 try:
-                    w = compress_layer(layer, f, b, config) if layer is not None else config.compress(f, b, name)
+                    w = (compress_layer(layer, f, b, compressing) if layer is not None
+                         else compressing.compress(f, b, name))
                 except BudgetTooSmallError as e:  # as compress_: a matrix too small for one vector stays dense
                     budget_errors.append(e)
                     skipped[key] = "budget"

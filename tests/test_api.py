@@ -192,6 +192,36 @@ def test_base_as_module_state_dict_or_directory(llama, tmp_path):
         assert torch.equal(logits(model), logits(reference)), label
 
 
+def test_compressed_weights_never_share_the_callers_base_memory(llama, tmp_path):
+    """The compressed model holds its own copy of each base weight given in memory (the caller may change
+    or reload its base later), a fresh read of a directory's tensor too (a memory-mapped file can change
+    under it); a base cast to the fine-tuned dtype is the compressed weight's as it is (no second copy)."""
+    base, ft = llama
+    base.save_pretrained(tmp_path / "base")
+    storages = {p.untyped_storage().data_ptr() for p in base.parameters()}
+    for source in (base, {k: v for k, v in base.state_dict().items()}, tmp_path / "base"):
+        model = compress(source, ft)
+        for name in EXPECTED:
+            w = model.get_submodule(name).weight
+            assert w.base_weight.untyped_storage().data_ptr() not in storages, name
+            assert torch.equal(w.base_weight, base.get_submodule(name).weight), name
+        if isinstance(source, dict):
+            before = logits(model)
+            with torch.no_grad():  # the caller changes its base in place (x2 and back: exact)
+                base.model.layers[0].self_attn.q_proj.weight.mul_(2)
+            try:
+                assert torch.equal(logits(model), before)
+            finally:
+                with torch.no_grad():
+                    base.model.layers[0].self_attn.q_proj.weight.div_(2)
+    # a bf16 base for an fp32 fine-tune: the fp32 cast made by compress_ is held, values as copied
+    low = copy.deepcopy(base).to(torch.bfloat16)
+    model = compress(low, ft)
+    w = model.get_submodule(EXPECTED[0]).weight
+    assert w.base_weight.dtype == torch.float32
+    assert torch.equal(w.base_weight, low.get_submodule(EXPECTED[0]).weight.float())
+
+
 # --- 3. shorthand and baselines at the same budget ------------------------------------------------
 
 

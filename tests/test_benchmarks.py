@@ -134,6 +134,10 @@ def check_streaming(tmp, stdout):
         assert finite(r["rel_error"], r["not_rank64_share"]) and 0 < r["rel_error"] < 1, r
     assert doc["load_check"]["logits_finite"] and doc["load_check"]["compressed_layers"] == 14
     assert not any(p.name.startswith("deltacome-streaming-smoke-") for p in tmp.iterdir())  # the pair was deleted
+    rows = load(tmp, "streaming-matrix-smoke.json")["rows"]
+    assert [(r["shape"], r["dtype"]) for r in rows] == [(s, d) for d in ("float32", "bfloat16") for s in ("344x128", "128x344")]
+    for r in rows:
+        assert finite(r["peak_over_inputs_bytes"], r["seconds"]) and r["bands"] and not r["base_copied"], r
 
 
 def check_target_correction(tmp, stdout):

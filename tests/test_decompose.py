@@ -59,3 +59,39 @@ def test_weight_delta_errors_name_the_layer():
     bad[1, 2] = float("nan")
     with pytest.raises(ValueError, match="layers.0.up_proj.*NaN"):
         weight_delta(bad, torch.zeros(4, 4), "layers.0.up_proj")
+
+
+@pytest.mark.parametrize("ft_dtype,base_dtype", [
+    (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
+    (torch.float16, torch.float32), (torch.float64, torch.float32), (torch.float32, torch.float64),
+])
+def test_weight_delta_is_the_fp32_difference_bit_for_bit(ft_dtype, base_dtype):
+    """One fp32 result without full-size temporaries (an fp32 fine-tuned tensor is not cast, the base is
+    converted inside the subtraction), equal to `ft.float() - base.float()`; the inputs are untouched."""
+    g = torch.Generator().manual_seed(0)
+    base = (0.02 * torch.randn(37, 53, generator=g)).to(base_dtype)
+    ft = (base.double() + 1e-4 * torch.randn(37, 53, generator=g, dtype=torch.float64)).to(ft_dtype)
+    before = ft.clone(), base.clone()
+    delta = weight_delta(ft, base)
+    assert delta.dtype == torch.float32
+    assert torch.equal(delta.view(torch.int32), (ft.float() - base.float()).view(torch.int32))
+    assert torch.equal(ft, before[0]) and torch.equal(base, before[1])
+    assert delta.untyped_storage().data_ptr() not in (ft.untyped_storage().data_ptr(), base.untyped_storage().data_ptr())
+    # transposed views: the same values as from the contiguous tensors
+    assert torch.equal(weight_delta(ft.t(), base.t()), (ft.float() - base.float()).t())
+
+
+@pytest.mark.parametrize("where", ["fine-tuned", "base"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_weight_delta_names_the_weight_with_nan_or_inf(where, value):
+    ft, base = torch.zeros(4, 6), torch.zeros(4, 6)
+    (ft if where == "fine-tuned" else base)[2, 3] = value
+    with pytest.raises(ValueError, match=f"q_proj: the {where} weight contains NaN or Inf"):
+        weight_delta(ft, base, "q_proj")
+    # both infinite: the fine-tuned one is named first, as before
+    with pytest.raises(ValueError, match="the fine-tuned weight"):
+        weight_delta(torch.full((2, 2), float("inf")), torch.full((2, 2), float("inf")))
+    # finite weights whose difference overflows fp32 are not refused here (as before)
+    big = torch.full((2, 2), 3e38)
+    assert torch.isinf(weight_delta(big, -big)).all()
+    assert weight_delta(torch.zeros(0, 3), torch.zeros(0, 3)).shape == (0, 3)

@@ -128,3 +128,46 @@ def test_bitdelta_is_sign_times_mean_abs():
     x = torch.randn(3, 200)
     assert torch.allclose(F.linear(x, t), F.linear(x, t.dequantize()), rtol=1e-5, atol=1e-5)
     assert t.bits_per_param() == pytest.approx(1.0, abs=0.01)
+
+
+def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("kind", [MixedPrecisionDeltaTensor, BitDeltaTensor])
+def test_from_hp_copies_the_base_unless_handed_over(kind):
+    """By default the compressed weight shares no memory with the caller's tensors (changing the caller's
+    base later does not change it); `copy_base=False` (a caller that made the base for this call) keeps
+    the base itself. The packed factors are the same either way."""
+    base, ft = _pair()
+    kw = dict(alpha=1 / 8, group_size=32) if kind is MixedPrecisionDeltaTensor else {}
+    copied = kind.from_hp(ft, base, **kw)
+    assert not _shares(copied.base_weight, base) and not _shares(copied.base_weight, ft)
+    assert torch.equal(copied.base_weight, base) and copied.base_weight.is_contiguous()
+    held = kind.from_hp(ft, base, copy_base=False, **kw)
+    assert held.base_weight is base or _shares(held.base_weight, base)
+    for n in copied.tensor_data_names:
+        assert torch.equal(getattr(copied, n), getattr(held, n)), n
+    snapshot = copied.dequantize()
+    base.add_(1.0)  # the caller changes its tensor: the copied weight does not move
+    assert torch.equal(copied.dequantize(), snapshot)
+    # a non-contiguous base: one contiguous copy (held: made contiguous, so a copy as well)
+    t = kind.from_hp(ft.t(), base.t(), **kw)
+    assert t.base_weight.is_contiguous() and torch.equal(t.base_weight, base.t())
+    assert kind.from_hp(ft.t(), base.t(), copy_base=False, **kw).base_weight.is_contiguous()
+
+
+def test_config_compress_copies_unless_handed_over():
+    from deltacome_ao import DeltaCoMeConfig
+    from deltacome_ao.methods import base_handed_over, handing_over_base
+
+    base, ft = _pair()
+    for method in ("deltacome", "bitdelta"):
+        config = DeltaCoMeConfig(base={"w": base}, method=method, alpha=1 / 8, group_size=32, progress=False)
+        handed = handing_over_base(config)
+        assert base_handed_over(handed) and not base_handed_over(config)  # config itself unchanged
+        assert handed.alpha == config.alpha and handed.method == config.method
+        w, w_handed = config.compress(ft, base, "w"), handed.compress(ft, base, "w")
+        assert not _shares(w.base_weight, base) and _shares(w_handed.base_weight, base)
+        for n in w.tensor_data_names:
+            assert torch.equal(getattr(w, n), getattr(w_handed, n)), (method, n)

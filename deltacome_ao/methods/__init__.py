@@ -23,15 +23,20 @@ where `config` is the `DeltaCoMeConfig` (read the options you need from it: `alp
 ..., and the method's own settings from `config.method_options`, declared with `options=` at
 registration) and `hessian` (in, in) is Σ xᵀx / N of the layer's calibration inputs (only passed to
 methods registered with `calibrated=True`).
+
+The compressed weight must share no memory with the caller's `base` (copy it), unless
+`base_handed_over(config)`: the caller made that base tensor for this call (read it from disk, cast
+it) or copies it anyway (stacked experts), so the weight may hold it as it is.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
 __all__ = ["Method", "register_method", "unregister_method", "register_kind", "get_method", "method_names",
-           "tensor_kinds", "tensor_kind", "ALLOCATIONS", "MethodFileWarning"]
+           "tensor_kinds", "tensor_kind", "ALLOCATIONS", "MethodFileWarning", "handing_over_base", "base_handed_over"]
 
 # how a method may spend the budget (DeltaCoMeConfig.allocation): the paper's schedule, the error-optimal
 # widths of each matrix, or one error-optimal allocation over the whole model (alpha then model-wide)
@@ -57,6 +62,24 @@ class Method:
 
 _METHODS: dict[str, Method] = {}
 _KINDS: dict[str, type] = {}  # stored kinds that belong to no method of their own (e.g. stacked experts)
+
+
+_HANDED_OVER = "_deltacome_base_handed_over"  # the attribute of a config copy from `handing_over_base`
+
+
+def handing_over_base(config):
+    """A shallow copy of `config` whose compress may keep the base tensor it is given inside the
+    compressed weight, without copying it (`config` itself is left as it was). For callers whose base
+    tensor nobody else holds or changes: one read from a checkpoint for this call (`compress_streaming`),
+    a fresh cast of the caller's, or one the caller copies anyway (`stack` of experts)."""
+    handed = copy.copy(config)
+    object.__setattr__(handed, _HANDED_OVER, True)
+    return handed
+
+
+def base_handed_over(config) -> bool:
+    """Whether `config` comes from `handing_over_base` (a compress function may skip its copy of the base)."""
+    return bool(getattr(config, _HANDED_OVER, False))
 
 
 def _check_tensor_class(name: str, tensor) -> None:

@@ -11,7 +11,7 @@ import torch
 
 from ..decompose import weight_delta
 from ..delta_tensor import DeltaTensor
-from . import register_method
+from . import base_handed_over, register_method
 from ..packing import pack_rows, packed_nbytes, unpack_rows
 
 __all__ = ["BitDeltaTensor"]
@@ -34,12 +34,18 @@ class BitDeltaTensor(DeltaTensor):
         self.base_weight, self.sign_packed, self.scale = base_weight, sign_packed, scale
 
     @classmethod
-    def from_hp(cls, finetuned: torch.Tensor, base: torch.Tensor, name: str = "weight") -> "BitDeltaTensor":
-        """Sign and mean |D| of `finetuned - base` (fp32 math). Raises ValueError on bad shapes / NaN."""
+    def from_hp(cls, finetuned: torch.Tensor, base: torch.Tensor, name: str = "weight", *,
+                copy_base: bool = True) -> "BitDeltaTensor":
+        """Sign and mean |D| of `finetuned - base` (fp32 math). Raises ValueError on bad shapes / NaN.
+        The tensor holds a contiguous copy of `base` (`copy_base=False`: `base` itself when contiguous,
+        as `MixedPrecisionDeltaTensor.from_hp`)."""
         delta = weight_delta(finetuned, base, name)
         bits = (delta > 0).to(torch.uint8)
         scale = delta.abs().mean().reshape(1)
-        return cls(base.detach().clone().contiguous(), pack_rows(bits, 1).to(base.device), scale.to(base.device))
+        del delta
+        base = base.detach()
+        base = base.clone(memory_format=torch.contiguous_format) if copy_base else base.contiguous()
+        return cls(base, pack_rows(bits, 1).to(base.device), scale.to(base.device))
 
     @classmethod
     def delta_layout(cls, shape, attributes):
@@ -76,7 +82,7 @@ class BitDeltaTensor(DeltaTensor):
 
 
 def _compress(finetuned, base, config, *, name="weight", hessian=None):
-    return BitDeltaTensor.from_hp(finetuned, base, name=name)
+    return BitDeltaTensor.from_hp(finetuned, base, name=name, copy_base=not base_handed_over(config))
 
 
 register_method("bitdelta", BitDeltaTensor, _compress, description="BitDelta: sign of the delta + one scale")

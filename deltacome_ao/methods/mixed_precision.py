@@ -29,11 +29,11 @@ from ..allocate import (
     optimal_allocation,
     vector_cost_bits,
 )
-from ..decompose import DeltaSVD, delta_svd, weight_delta
+from ..decompose import DeltaSVD, any_nonzero, delta_svd, weight_delta
 from ..delta_tensor import DeltaTensor, is_plain
 from ..factors import PackedFactors, low_rank_term, split_bands
 from ..gptq import gptq_input_groups, gptq_output_groups
-from . import register_method
+from . import base_handed_over, register_method
 from ..ops import delta_linear, delta_only_linear, direct_kernel
 from ..quantize import dequantize_rows, quantize_rows
 from ..slicing import slice_factors
@@ -94,14 +94,22 @@ def compress_factors(delta: Optional[torch.Tensor], options: SVDDeltaOptions, na
 
     svd: the delta's SVD when the caller already has it exactly (e.g. `decompose.product_svd` of a
     LoRA's factors: no dense delta needed); `delta` may then be None (not with target_correction)."""
-    o = options
+    return _compress_factors([delta], options, name, hessian, device, svd)
+
+
+def _compress_factors(held: list, o: SVDDeltaOptions, name, hessian, device, svd) -> PackedFactors:
+    """`compress_factors` of the delta in the one-element list `held`, which it takes out: once the SVD
+    is done it drops its reference to the delta (unless GPTQ's target correction still needs it), so a
+    caller that passes `[delta]` without keeping one (`from_hp`) frees the m×n fp32 delta before the
+    factors are quantized. Every intermediate of the size of a factor is dropped when the next is made."""
+    delta = held.pop()
     if svd is not None:
         if delta is None and o.target_correction and hessian is not None:
             raise ValueError(f"{name}: target_correction needs the dense delta")
         out_features, in_features = svd.U.shape[0], svd.Vh.shape[1]
     else:
         out_features, in_features = delta.shape
-    nonzero = bool(svd.S.numel()) if svd is not None else bool(torch.any(delta))
+    nonzero = bool(svd.S.numel()) if svd is not None else any_nonzero(delta)
     if o.allocation not in ("paper", "optimal", "global"):
         raise ValueError(f"unknown allocation {o.allocation!r}; use 'paper', 'optimal' or 'global'")
     if o.allocation == "global" and o.widths is None:
@@ -137,7 +145,11 @@ def compress_factors(delta: Optional[torch.Tensor], options: SVDDeltaOptions, na
     else:
         k = min(max_rank, svd.rank)
         svd_out = DeltaSVD(svd.U[:, :k], svd.S[:k], svd.Vh[:k])
+    target = delta if o.target_correction and hessian is not None else None
+    del delta  # the SVD was its last use (`target` keeps it for GPTQ's target correction)
     u_rows, s, v_rows = svd_out.U.T, svd_out.S, svd_out.Vh
+    rank = svd_out.rank
+    del svd_out  # u_rows / v_rows are then the only references to U and Vh: each is freed when replaced
     # Scale each singular vector to max |x| = 1 so group scales stay in fp16's normal range.
     u_max = u_rows.abs().amax(dim=1).clamp_min(1e-30) if s.numel() else s
     v_max = v_rows.abs().amax(dim=1).clamp_min(1e-30) if s.numel() else s
@@ -148,14 +160,14 @@ def compress_factors(delta: Optional[torch.Tensor], options: SVDDeltaOptions, na
     elif optimal:
         chosen, perm = _optimal_bands(u_rows, s, v_rows, o, budget_bits(out_features, in_features, o.alpha), hessian)
     else:
-        chosen = _truncate(chosen, svd_out.rank)
+        chosen = _truncate(chosen, rank)
         perm = torch.arange(sum(b.count for b in chosen), device=s.device)
     u_rows, s, v_rows = u_rows[perm], s[perm], v_rows[perm]
     if hessian is None:
         v_q = [o.quantizer(rows, b.bits, o.group_size) for rows, b in zip(split_bands(v_rows, chosen), chosen)]
         u_q = [o.quantizer(rows, b.bits, o.group_size) for rows, b in zip(split_bands(u_rows, chosen), chosen)]
     else:
-        v_q, u_q, s = _gptq_factors(u_rows, s, v_rows, chosen, hessian, o, target=delta if o.target_correction else None)
+        v_q, u_q, s = _gptq_factors(u_rows, s, v_rows, chosen, hessian, o, target=target)
     return PackedFactors.pack(v_q, u_q, s, o.group_size, out_features, in_features, device=device)
 
 
@@ -196,7 +208,8 @@ class MixedPrecisionDeltaTensor(DeltaTensor):
 
     @classmethod
     def from_hp(cls, finetuned: torch.Tensor, base: torch.Tensor, *, name: str = "weight",
-                hessian: Optional[torch.Tensor] = None, **options) -> "MixedPrecisionDeltaTensor":
+                hessian: Optional[torch.Tensor] = None, copy_base: bool = True,
+                **options) -> "MixedPrecisionDeltaTensor":
         """Compress `finetuned - base` (both (out, in), any float dtype; the math runs in fp32).
 
         `options` are the fields of `SVDDeltaOptions` (alpha, schedule, bands, group_size, svd,
@@ -205,13 +218,19 @@ class MixedPrecisionDeltaTensor(DeltaTensor):
         Delta-CoMe §3.4: V̂ against H_x, Û against H_z of the quantized V̂) and makes the optimal
         allocation measure errors in output space.
 
+        The returned tensor holds a contiguous copy of `base`, so it shares no memory with the caller's
+        tensor; `copy_base=False` keeps `base` itself when it is contiguous (no copy), for a caller that
+        made `base` for this call and changes it no more (`methods.base_handed_over`).
+
         Raises ValueError (shapes, NaN/Inf, an unknown option value) and `BudgetTooSmallError`
         (alpha too small for one singular vector).
         """
         opts = SVDDeltaOptions(**options)
-        delta = weight_delta(finetuned, base, name)
-        factors = compress_factors(delta, opts, name, hessian, device=base.device)
-        return cls.from_factors(base.detach().clone().contiguous(), factors)
+        # the delta is passed without a reference kept here, so it is freed before the quantization
+        factors = _compress_factors([weight_delta(finetuned, base, name)], opts, name, hessian, base.device, None)
+        base = base.detach()
+        return cls.from_factors(base.clone(memory_format=torch.contiguous_format) if copy_base else base.contiguous(),
+                                factors)
 
     @property
     def factors(self) -> PackedFactors:
@@ -393,7 +412,8 @@ def _svd_compress(finetuned, base, config, *, name="weight", hessian=None):
     options = svd_options(config)
     if config.allocation == "global":
         options = replace(options, widths=planned_widths(config, name))
-    return MixedPrecisionDeltaTensor.from_hp(finetuned, base, name=name, hessian=hessian, **vars(options))
+    return MixedPrecisionDeltaTensor.from_hp(finetuned, base, name=name, hessian=hessian,
+                                             copy_base=not base_handed_over(config), **vars(options))
 
 
 # --- model-level plans (allocation="global", budget.py) ------------------------------------------------

@@ -26,6 +26,7 @@ import torch
 
 from ..artifact import save_delta, set_tensor
 from ..config import DeltaCoMeConfig
+from ..methods import handing_over_base
 from .routing import UnknownDeltaError
 
 __all__ = ["disable_deltas", "deltas_disabled", "weighted_artifact"]
@@ -97,7 +98,9 @@ def weighted_artifact(layers: Mapping[str, torch.nn.Module], skeleton: torch.nn.
             if compressed:
                 base_w = target.weight.detach()
                 total = sum(w * d.delta_weight().float() for d, w in compressed)
-                new = config.compress(base_w.float() + total, base_w, module_name)
+                # the weight may hold base_w as it is (no copy of the base per layer): `model` only lives
+                # until save_delta below has written the deltas, and nothing changes base_w meanwhile
+                new = handing_over_base(config).compress(base_w.float() + total, base_w, module_name)
                 target.weight = torch.nn.Parameter(new, requires_grad=False)
             leaves = sorted({leaf for e, _ in used for leaf in (e.dense or {})})
             for leaf in leaves:
