@@ -407,8 +407,30 @@ def with_tensors(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -
     """A shallow copy of `module` that holds `tensors` (parameter / buffer names, nested ones with dots)
     in place of its own; everything else (other tensors, submodules, hooks) is shared. Unlike
     `torch.func.functional_call`, which swaps the tensors on the module for the call, `module` is never
-    modified, so forwards of other threads on it see the base tensors. KeyError for a name the module does
-    not have."""
+    modified, so forwards of other threads on it see the base tensors. A tensor the module holds under
+    several names (tied: a submodule used twice, one parameter registered twice) is replaced under all of
+    them, as functional_call's `tie_weights` does. KeyError for a name the module does not have."""
+    return _with_tensors(module, _tied(module, tensors))
+
+
+def _tied(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """`tensors` plus, for each name of a tensor `module` also holds under other names, those names."""
+    named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    names: dict[int, list] = {}
+    for n, t in named:
+        names.setdefault(id(t), []).append(n)
+    if len(names) == len(named):  # nothing tied
+        return tensors
+    held = dict(named)
+    out = dict(tensors)
+    for name, value in tensors.items():
+        if name in held:
+            for alias in names[id(held[name])]:
+                out.setdefault(alias, value)
+    return out
+
+
+def _with_tensors(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> torch.nn.Module:
     clone = copy.copy(module)
     own, nested = {}, {}
     for name, value in tensors.items():
@@ -432,7 +454,7 @@ def with_tensors(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -
         for head, sub in nested.items():
             if children.get(head) is None:
                 raise KeyError(f"{type(module).__name__} has no submodule {head!r}")
-            children[head] = with_tensors(children[head], sub)
+            children[head] = _with_tensors(children[head], sub)
         clone._modules = children
     return clone
 
