@@ -356,6 +356,24 @@ def test_per_row_module_with_tied_tensors_replaces_every_name():
             torch.testing.assert_close(y[1:2], module(x[1:2]), **TOL)
 
 
+def test_per_row_parametrized_module():
+    """A per-row module with a parametrization (weight_norm): its shallow copy is made without pickling
+    hooks, which a parametrized module refuses (copy.copy raised RuntimeError; functional_call served it)."""
+    from deltacome_ao.serving.layers import MultiDeltaModule
+
+    torch.manual_seed(0)
+    module = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(4, 4))
+    replaced = {k: torch.randn_like(v) for k, v in module.named_parameters()}
+    layer = MultiDeltaModule(module)
+    layer.add("d", dict(replaced), delta_id=0)
+    x = torch.randn(3, 4)
+    with torch.no_grad(), routing(torch.tensor([0, -1, 0])):
+        y = layer(x)
+    with torch.no_grad():
+        torch.testing.assert_close(y[[0, 2]], torch.func.functional_call(module, replaced, (x[[0, 2]],)), **TOL)
+        torch.testing.assert_close(y[1:2], module(x[1:2]), **TOL)
+
+
 def test_probe_leaves_the_served_model_modes_alone(setup):
     """load_delta's probe runs the shared served model: it must not flip its train/eval modes (other
     threads may be serving at that moment; flipping them gave wrong rows under concurrent loads)."""

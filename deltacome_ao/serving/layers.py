@@ -16,7 +16,6 @@ as one consistent snapshot, `add_delta` / `remove` / `delta_ids` / `delta_nbytes
 
 from __future__ import annotations
 
-import copy
 import inspect
 import itertools
 import threading
@@ -431,7 +430,10 @@ def _tied(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> Mappi
 
 
 def _with_tensors(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> torch.nn.Module:
-    clone = copy.copy(module)
+    # copy.copy's shallow copy, without pickling hooks: a parametrized module (torch.nn.utils.parametrize,
+    # weight_norm) refuses __reduce_ex__ but is copied this way as any other
+    clone = object.__new__(type(module))
+    clone.__dict__.update(module.__dict__)
     own, nested = {}, {}
     for name, value in tensors.items():
         head, dot, rest = name.partition(".")
