@@ -374,6 +374,35 @@ def test_per_row_parametrized_module():
         torch.testing.assert_close(y[1:2], module(x[1:2]), **TOL)
 
 
+def test_per_row_module_with_accelerate_hook():
+    """A per-row module dispatched by accelerate (device_map: its `forward` is replaced by a partial bound to
+    the module, calling the bound `_old_forward`): the delta's rows run with the delta's tensors (the
+    shallow copy's forward ran the original module, so those rows silently got the base's)."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    from deltacome_ao.serving.layers import MultiDeltaModule
+
+    torch.manual_seed(0)
+    norm, embedding = torch.nn.LayerNorm(4), torch.nn.Embedding(10, 4)
+    replaced = {k: torch.randn_like(v) for k, v in norm.named_parameters()}
+    table = torch.randn(10, 4)
+    x, tokens = torch.randn(3, 4), torch.tensor([[1, 2], [3, 4], [5, 6]])
+    with torch.no_grad():
+        want = torch.func.functional_call(norm, replaced, (x[[0, 2]],))
+    for module in (norm, embedding):
+        hooks.add_hook_to_module(module, hooks.AlignDevicesHook(execution_device="cpu", io_same_device=True))
+    layer = MultiDeltaModule(norm)
+    layer.add("d", dict(replaced), delta_id=0)
+    table_layer = MultiDeltaEmbedding(embedding)
+    table_layer.add("d", table, delta_id=0)
+    with torch.no_grad(), routing(torch.tensor([0, -1, 0])):
+        y, e = layer(x), table_layer(tokens)
+    with torch.no_grad():
+        torch.testing.assert_close(y[[0, 2]], want, **TOL)
+        torch.testing.assert_close(y[1:2], norm(x[1:2]), **TOL)
+        torch.testing.assert_close(e[[0, 2]], table[tokens[[0, 2]]], rtol=0, atol=0)
+        torch.testing.assert_close(e[1], embedding.weight[tokens[1]], rtol=0, atol=0)
+
+
 def test_probe_leaves_the_served_model_modes_alone(setup):
     """load_delta's probe runs the shared served model: it must not flip its train/eval modes (other
     threads may be serving at that moment; flipping them gave wrong rows under concurrent loads)."""

@@ -16,9 +16,11 @@ as one consistent snapshot, `add_delta` / `remove` / `delta_ids` / `delta_nbytes
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import threading
+import types
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -434,6 +436,16 @@ def _with_tensors(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) 
     # weight_norm) refuses __reduce_ex__ but is copied this way as any other
     clone = object.__new__(type(module))
     clone.__dict__.update(module.__dict__)
+    for key, value in module.__dict__.items():
+        # what the instance holds bound to itself runs on the copy: accelerate's hooks (device_map dispatch)
+        # replace `forward` by partial(new_forward, module) calling the bound `_old_forward`; Module.compile's
+        # compiled call is bound to the module, so the copy runs eagerly
+        if isinstance(value, types.MethodType) and value.__self__ is module:
+            clone.__dict__[key] = types.MethodType(value.__func__, clone)
+        elif isinstance(value, functools.partial) and value.args and value.args[0] is module:
+            clone.__dict__[key] = functools.partial(value.func, clone, *value.args[1:], **value.keywords)
+        elif key == "_compiled_call_impl" and value is not None:
+            clone.__dict__[key] = None
     own, nested = {}, {}
     for name, value in tensors.items():
         head, dot, rest = name.partition(".")
