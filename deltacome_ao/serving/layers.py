@@ -270,6 +270,7 @@ class MultiDeltaModule(MultiDeltaLayer):
             self.register_buffer(n, b, persistent=n not in module._non_persistent_buffers_set)
         for n, child in module.named_children():
             self.add_module(n, child)
+        self._tied = tied_names(module)  # tied tensors of the module: a replacement reaches each of their names
 
     @classmethod
     def serves(cls, module, leaf):
@@ -343,7 +344,8 @@ class MultiDeltaModule(MultiDeltaLayer):
                 # are cut to the group's rows too, so the module sees one consistent sub-batch
                 group_args = tuple(_batch_rows(a, rows, x.shape[0]) for a in args)
                 group_kwargs = {k: _batch_rows(v, rows, x.shape[0]) for k, v in kwargs.items()}
-                yg = with_tensors(self._inner, params)(x.index_select(0, rows), *group_args, **group_kwargs)
+                yg = _with_tensors(self._inner, _tied(params, self._tied))(x.index_select(0, rows), *group_args,
+                                                                          **group_kwargs)
                 if yg.dim() > 0 and yg.shape[0] == 1 and rows.numel() > 1:
                     yg = yg.expand(rows.numel(), *yg.shape[1:])
                 y = y.index_copy(0, rows, yg)
@@ -411,23 +413,27 @@ def with_tensors(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -
     modified, so forwards of other threads on it see the base tensors. A tensor the module holds under
     several names (tied: a submodule used twice, one parameter registered twice) is replaced under all of
     them, as functional_call's `tie_weights` does. KeyError for a name the module does not have."""
-    return _with_tensors(module, _tied(module, tensors))
+    return _with_tensors(module, _tied(tensors, tied_names(module)))
 
 
-def _tied(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-    """`tensors` plus, for each name of a tensor `module` also holds under other names, those names."""
+def tied_names(module: torch.nn.Module) -> dict[str, tuple[str, ...]]:
+    """{name: the other names of that tensor} for each parameter / buffer `module` holds under several names
+    (tied); usually empty. `MultiDeltaModule` keeps it, so its forwards do not walk the module each call."""
     named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
     names: dict[int, list] = {}
     for n, t in named:
         names.setdefault(id(t), []).append(n)
-    if len(names) == len(named):  # nothing tied
+    return {n: tuple(a for a in names[id(t)] if a != n) for n, t in named if len(names[id(t)]) > 1}
+
+
+def _tied(tensors: Mapping[str, torch.Tensor], aliases: Mapping[str, tuple]) -> Mapping[str, torch.Tensor]:
+    """`tensors` plus, for each name with other names of the same tensor in `aliases`, those names."""
+    if not aliases or not any(name in aliases for name in tensors):
         return tensors
-    held = dict(named)
     out = dict(tensors)
     for name, value in tensors.items():
-        if name in held:
-            for alias in names[id(held[name])]:
-                out.setdefault(alias, value)
+        for alias in aliases.get(name, ()):
+            out.setdefault(alias, value)
     return out
 
 
