@@ -315,6 +315,94 @@ def test_per_row_tensors_are_never_swapped_on_the_shared_module(setup):
         assert not torch.equal(out["d"], y)
 
 
+def test_per_row_module_with_tied_tensors_replaces_every_name():
+    """A per-row module holding one tensor under several names (a submodule used twice, a parameter
+    registered twice): the delta's replacement, given under the one name `named_parameters` lists,
+    reaches every name (functional_call's tie_weights did; the shallow copy left the alias on the base)."""
+    from deltacome_ao.serving.layers import MultiDeltaModule
+
+    class SharedChild(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(4, 4)
+            self.b = self.a
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    class TiedParameter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1 = torch.nn.Parameter(torch.randn(4))
+            self.w2 = self.w1
+
+        def forward(self, x):
+            return x * self.w1 + self.w2
+
+    torch.manual_seed(0)
+    for module in (SharedChild(), TiedParameter()):
+        replaced = {k: torch.randn_like(v) for k, v in module.named_parameters()}
+        alone = copy.deepcopy(module)
+        with torch.no_grad():
+            for k, v in replaced.items():
+                alone.get_parameter(k).copy_(v)
+        layer = MultiDeltaModule(module)
+        layer.add("d", dict(replaced), delta_id=0)
+        x = torch.randn(3, 4)
+        with torch.no_grad(), routing(torch.tensor([0, -1, 0])):
+            y = layer(x)
+        with torch.no_grad():
+            torch.testing.assert_close(y[[0, 2]], alone(x[[0, 2]]), **TOL)
+            torch.testing.assert_close(y[1:2], module(x[1:2]), **TOL)
+
+
+def test_per_row_parametrized_module():
+    """A per-row module with a parametrization (weight_norm): its shallow copy is made without pickling
+    hooks, which a parametrized module refuses (copy.copy raised RuntimeError; functional_call served it)."""
+    from deltacome_ao.serving.layers import MultiDeltaModule
+
+    torch.manual_seed(0)
+    module = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(4, 4))
+    replaced = {k: torch.randn_like(v) for k, v in module.named_parameters()}
+    layer = MultiDeltaModule(module)
+    layer.add("d", dict(replaced), delta_id=0)
+    x = torch.randn(3, 4)
+    with torch.no_grad(), routing(torch.tensor([0, -1, 0])):
+        y = layer(x)
+    with torch.no_grad():
+        torch.testing.assert_close(y[[0, 2]], torch.func.functional_call(module, replaced, (x[[0, 2]],)), **TOL)
+        torch.testing.assert_close(y[1:2], module(x[1:2]), **TOL)
+
+
+def test_per_row_module_with_accelerate_hook():
+    """A per-row module dispatched by accelerate (device_map: its `forward` is replaced by a partial bound to
+    the module, calling the bound `_old_forward`): the delta's rows run with the delta's tensors (the
+    shallow copy's forward ran the original module, so those rows silently got the base's)."""
+    hooks = pytest.importorskip("accelerate.hooks")
+    from deltacome_ao.serving.layers import MultiDeltaModule
+
+    torch.manual_seed(0)
+    norm, embedding = torch.nn.LayerNorm(4), torch.nn.Embedding(10, 4)
+    replaced = {k: torch.randn_like(v) for k, v in norm.named_parameters()}
+    table = torch.randn(10, 4)
+    x, tokens = torch.randn(3, 4), torch.tensor([[1, 2], [3, 4], [5, 6]])
+    with torch.no_grad():
+        want = torch.func.functional_call(norm, replaced, (x[[0, 2]],))
+    for module in (norm, embedding):
+        hooks.add_hook_to_module(module, hooks.AlignDevicesHook(execution_device="cpu", io_same_device=True))
+    layer = MultiDeltaModule(norm)
+    layer.add("d", dict(replaced), delta_id=0)
+    table_layer = MultiDeltaEmbedding(embedding)
+    table_layer.add("d", table, delta_id=0)
+    with torch.no_grad(), routing(torch.tensor([0, -1, 0])):
+        y, e = layer(x), table_layer(tokens)
+    with torch.no_grad():
+        torch.testing.assert_close(y[[0, 2]], want, **TOL)
+        torch.testing.assert_close(y[1:2], norm(x[1:2]), **TOL)
+        torch.testing.assert_close(e[[0, 2]], table[tokens[[0, 2]]], rtol=0, atol=0)
+        torch.testing.assert_close(e[1], embedding.weight[tokens[1]], rtol=0, atol=0)
+
+
 def test_probe_leaves_the_served_model_modes_alone(setup):
     """load_delta's probe runs the shared served model: it must not flip its train/eval modes (other
     threads may be serving at that moment; flipping them gave wrong rows under concurrent loads)."""

@@ -16,10 +16,11 @@ as one consistent snapshot, `add_delta` / `remove` / `delta_ids` / `delta_nbytes
 
 from __future__ import annotations
 
-import copy
+import functools
 import inspect
 import itertools
 import threading
+import types
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -269,6 +270,7 @@ class MultiDeltaModule(MultiDeltaLayer):
             self.register_buffer(n, b, persistent=n not in module._non_persistent_buffers_set)
         for n, child in module.named_children():
             self.add_module(n, child)
+        self._tied = tied_names(module)  # tied tensors of the module: a replacement reaches each of their names
 
     @classmethod
     def serves(cls, module, leaf):
@@ -342,7 +344,8 @@ class MultiDeltaModule(MultiDeltaLayer):
                 # are cut to the group's rows too, so the module sees one consistent sub-batch
                 group_args = tuple(_batch_rows(a, rows, x.shape[0]) for a in args)
                 group_kwargs = {k: _batch_rows(v, rows, x.shape[0]) for k, v in kwargs.items()}
-                yg = with_tensors(self._inner, params)(x.index_select(0, rows), *group_args, **group_kwargs)
+                yg = _with_tensors(self._inner, _tied(params, self._tied))(x.index_select(0, rows), *group_args,
+                                                                          **group_kwargs)
                 if yg.dim() > 0 and yg.shape[0] == 1 and rows.numel() > 1:
                     yg = yg.expand(rows.numel(), *yg.shape[1:])
                 y = y.index_copy(0, rows, yg)
@@ -407,9 +410,48 @@ def with_tensors(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -
     """A shallow copy of `module` that holds `tensors` (parameter / buffer names, nested ones with dots)
     in place of its own; everything else (other tensors, submodules, hooks) is shared. Unlike
     `torch.func.functional_call`, which swaps the tensors on the module for the call, `module` is never
-    modified, so forwards of other threads on it see the base tensors. KeyError for a name the module does
-    not have."""
-    clone = copy.copy(module)
+    modified, so forwards of other threads on it see the base tensors. A tensor the module holds under
+    several names (tied: a submodule used twice, one parameter registered twice) is replaced under all of
+    them, as functional_call's `tie_weights` does. KeyError for a name the module does not have."""
+    return _with_tensors(module, _tied(tensors, tied_names(module)))
+
+
+def tied_names(module: torch.nn.Module) -> dict[str, tuple[str, ...]]:
+    """{name: the other names of that tensor} for each parameter / buffer `module` holds under several names
+    (tied); usually empty. `MultiDeltaModule` keeps it, so its forwards do not walk the module each call."""
+    named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    names: dict[int, list] = {}
+    for n, t in named:
+        names.setdefault(id(t), []).append(n)
+    return {n: tuple(a for a in names[id(t)] if a != n) for n, t in named if len(names[id(t)]) > 1}
+
+
+def _tied(tensors: Mapping[str, torch.Tensor], aliases: Mapping[str, tuple]) -> Mapping[str, torch.Tensor]:
+    """`tensors` plus, for each name with other names of the same tensor in `aliases`, those names."""
+    if not aliases or not any(name in aliases for name in tensors):
+        return tensors
+    out = dict(tensors)
+    for name, value in tensors.items():
+        for alias in aliases.get(name, ()):
+            out.setdefault(alias, value)
+    return out
+
+
+def _with_tensors(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    # copy.copy's shallow copy, without pickling hooks: a parametrized module (torch.nn.utils.parametrize,
+    # weight_norm) refuses __reduce_ex__ but is copied this way as any other
+    clone = object.__new__(type(module))
+    clone.__dict__.update(module.__dict__)
+    for key, value in module.__dict__.items():
+        # what the instance holds bound to itself runs on the copy: accelerate's hooks (device_map dispatch)
+        # replace `forward` by partial(new_forward, module) calling the bound `_old_forward`; Module.compile's
+        # compiled call is bound to the module, so the copy runs eagerly
+        if isinstance(value, types.MethodType) and value.__self__ is module:
+            clone.__dict__[key] = types.MethodType(value.__func__, clone)
+        elif isinstance(value, functools.partial) and value.args and value.args[0] is module:
+            clone.__dict__[key] = functools.partial(value.func, clone, *value.args[1:], **value.keywords)
+        elif key == "_compiled_call_impl" and value is not None:
+            clone.__dict__[key] = None
     own, nested = {}, {}
     for name, value in tensors.items():
         head, dot, rest = name.partition(".")
@@ -432,7 +474,7 @@ def with_tensors(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -
         for head, sub in nested.items():
             if children.get(head) is None:
                 raise KeyError(f"{type(module).__name__} has no submodule {head!r}")
-            children[head] = with_tensors(children[head], sub)
+            children[head] = _with_tensors(children[head], sub)
         clone._modules = children
     return clone
 
