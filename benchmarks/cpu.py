@@ -291,6 +291,17 @@ def _decode_pass(model, prompt, steps, clock, **kw):
         clock.on = False
 
 
+def _clocked_pass(model, prompt, steps, clock, handles, undo) -> dict:
+    """One decode pass with `clock` on; then `undo()` and the hooks removed. -> {part: ms per step}."""
+    try:
+        _decode_pass(model, prompt, steps, clock)
+    finally:
+        undo()
+        for h in handles:
+            h.remove()
+    return {k: round(v * 1e3 / steps, 3) for k, v in clock.seconds.items()}
+
+
 def _model_profile(base, compressed, prompt, steps) -> dict:
     """Where a decode step's time goes (ms per token; one extra pass with clocks): the base model's step and
     its linear layers, the compressed model's step, its compressed linear layers (base product + delta
@@ -307,13 +318,7 @@ def _model_profile(base, compressed, prompt, steps) -> dict:
         lib = K._lib
         if lib is not None and name == "compressed":
             K._lib = _LibClock(lib, clock)
-        try:
-            _decode_pass(model, prompt, steps, clock)
-        finally:
-            K._lib = lib
-            for h in handles:
-                h.remove()
-        result[name] = {k: round(v * 1e3 / steps, 3) for k, v in clock.seconds.items()}
+        result[name] = _clocked_pass(model, prompt, steps, clock, handles, lambda: setattr(K, "_lib", lib))
     return result
 
 
@@ -332,13 +337,7 @@ def _multi_profile(served, routed, prompt, steps) -> dict:
         elif type(m).__name__ in ("MultiDeltaModule", "MultiDeltaEmbedding"):
             handles += clock.hooks(m, "per_row_modules")
     K._call = clock.wrap("segmented_kernel", call)
-    try:
-        _decode_pass(routed, prompt, steps, clock)
-    finally:
-        K._call = call
-        for h in handles:
-            h.remove()
-    return {k: round(v * 1e3 / steps, 3) for k, v in clock.seconds.items()}
+    return _clocked_pass(routed, prompt, steps, clock, handles, lambda: setattr(K, "_call", call))
 
 
 def layer_rows(args) -> list:

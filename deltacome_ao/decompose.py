@@ -56,6 +56,8 @@ def weight_delta(finetuned: torch.Tensor, base: torch.Tensor, name: str = "weigh
         for label, t in (("fine-tuned", finetuned), ("base", base)):
             if not torch.isfinite(t).all():
                 raise ValueError(f"{name}: the {label} weight contains NaN or Inf values; fix the checkpoint first")
+        raise ValueError(f"{name}: fine-tuned - base overflows fp32 although both weights are finite (values beyond "
+                         "±3.4e38, e.g. fp64 weights outside fp32's range); such a delta cannot be compressed")
     return delta
 
 

@@ -91,7 +91,11 @@ def test_weight_delta_names_the_weight_with_nan_or_inf(where, value):
     # both infinite: the fine-tuned one is named first, as before
     with pytest.raises(ValueError, match="the fine-tuned weight"):
         weight_delta(torch.full((2, 2), float("inf")), torch.full((2, 2), float("inf")))
-    # finite weights whose difference overflows fp32 are not refused here (as before)
+    # finite weights whose difference overflows fp32 are refused too (they gave an SVD error or, in fp64,
+    # a silently empty delta)
     big = torch.full((2, 2), 3e38)
-    assert torch.isinf(weight_delta(big, -big)).all()
+    with pytest.raises(ValueError, match="q_proj: fine-tuned - base overflows fp32"):
+        weight_delta(big, -big, "q_proj")
+    with pytest.raises(ValueError, match="overflows fp32"):
+        weight_delta(torch.full((2, 2), 1e300, dtype=torch.float64), torch.zeros(2, 2, dtype=torch.float64))
     assert weight_delta(torch.zeros(0, 3), torch.zeros(0, 3)).shape == (0, 3)
