@@ -322,6 +322,8 @@ def main():
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
 @click.option("--stream", is_flag=True,
               help="read both checkpoints tensor by tensor (never a whole model in memory); same artifact")
+@click.option("--device", default=None, metavar="DEVICE",
+              help="compress there (e.g. cuda, cuda:1): the SVDs and quantization run on it (default: cpu)")
 @click.option("--method-option", "method_options", multiple=True, metavar="KEY=VALUE",
               help="a setting of the method's own (repeatable; VALUE is JSON, else a string)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar, no per-layer table")
@@ -387,7 +389,8 @@ def _compress_streaming(base: Path, finetuned: Path, out: Path, opts: dict):
     # into a staging directory first: a zero delta must not replace (or become) OUT
     stage = out.parent / f".{out.name}.stream-{uuid.uuid4().hex[:12]}"
     try:
-        compress_streaming(base, finetuned, stage, progress=not opts["quiet"], **_config_fields(opts),
+        compress_streaming(base, finetuned, stage, progress=not opts["quiet"], device=opts["device"],
+                           **_config_fields(opts),
                            metadata={"base": str(base), "finetuned": str(finetuned), "calibration_windows": 0})
         document = read_delta_config(stage)
         _refuse_zero_delta(document, base, finetuned)
@@ -442,7 +445,9 @@ def _compress(base: Path, finetuned: Path, out: Path, opts: dict):
         calibration = [text_windows(ids, calib, opts["calib_len"], opts["seed"])]
     config = DeltaCoMeConfig(base=base_model, calibration=calibration, progress=not quiet, **_config_fields(opts))
     with torch.no_grad():
-        compress_(model, config)
+        compress_(model, config, device=opts["device"])
+        if opts["device"] is not None:
+            model.to("cpu")  # the packed factors are written from the CPU
     save_delta(model, out, base=base_model, config=config, overwrite=opts["overwrite"],
                metadata={"base": str(base), "finetuned": str(finetuned), "calibration_windows": calib,
                          "calibration_source": source})

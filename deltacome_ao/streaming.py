@@ -204,6 +204,7 @@ def compress_streaming(
     overwrite: bool = False,
     base_model_name_or_path: Optional[str] = None,
     base_revision: Optional[str] = None,
+    device: Any = None,
     **options: Any,
 ) -> dict:
     """Compress the fine-tuned checkpoint against the base checkpoint into the delta artifact `out_dir`.
@@ -216,6 +217,9 @@ def compress_streaming(
     metadata: stored under "user" in `delta_config.json`.
     base_model_name_or_path, base_revision: recorded for the base (default: `base_dir`, or the repo
         id and commit of a Hub cache snapshot directory; `hub.base_reference`).
+    device: where each pair is compressed (e.g. "cuda": the SVD and quantization of one matrix run
+        there, one pair of tensors at a time on the device); the packed factors come back to the CPU
+        before the next pair. Default: the CPU. ValueError for "meta".
 
     Everything checkable from the headers (names, shapes, model type, an existing `out_dir`) is
     checked before any work; nothing is written until the end, atomically, so an error leaves no
@@ -226,6 +230,9 @@ def compress_streaming(
     if options.get("allocation") == "global":
         raise ValueError("compress_streaming compresses one tensor pair at a time, but allocation='global' plans one "
                          "budget over every matrix first; use compress_ (or allocation='optimal' here)")
+    if device is not None and torch.device(device).type == "meta":
+        raise ValueError("device='meta': compression needs the weights' values (an SVD of each delta); pass a real "
+                         "device (e.g. 'cuda') or None for the CPU")
     start = time.perf_counter()
     out = Path(out_dir)
     if out.exists() and not overwrite:
@@ -276,9 +283,10 @@ def compress_streaming(
                 layer = compressed[key]
                 name = layer.name if layer is not None else key[: -len(".weight")]
                 t0 = time.perf_counter()
+                fd, bd = (f, b) if device is None else (f.to(device), b.to(device))
                 try:
-                    w = (compress_layer(layer, f, b, compressing) if layer is not None
-                         else compressing.compress(f, b, name))
+                    w = (compress_layer(layer, fd, bd, compressing) if layer is not None
+                         else compressing.compress(fd, bd, name))
                 except BudgetTooSmallError as e:  # as compress_: a matrix too small for one vector stays dense
                     budget_errors.append(e)
                     skipped[key] = "budget"
@@ -287,6 +295,7 @@ def compress_streaming(
                         raise
                     skipped[key] = "unstackable"
                 seconds = time.perf_counter() - t0
+                del fd, bd
                 if w is None:
                     if not same(f, b):
                         kept[key] = f
@@ -295,7 +304,7 @@ def compress_streaming(
                 del f, b
                 layers[name] = w.spec()
                 for inner, t in w.delta_tensors().items():
-                    tensors[f"{key}{SEP}{inner}"] = t.detach().contiguous()
+                    tensors[f"{key}{SEP}{inner}"] = t.detach().to("cpu").contiguous()
                 timings.append({"name": name, "shape": list(w.shape), "seconds": seconds})
                 del w
             elif key in base_set:

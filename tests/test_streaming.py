@@ -180,3 +180,31 @@ def test_cli_compress_stream(tmp_path):
     result = CliRunner().invoke(main, ["compress", str(base_dir), str(ft_dir), str(tmp_path / "x"), "--stream",
                                        "--calib", "4"])
     assert result.exit_code == 2 and "--stream" in result.output
+
+
+def test_device_option(tmp_path):
+    """device= / --device: on the CPU the same artifact bytes as without it; "meta" refused before any work;
+    on CUDA (when there is one) the artifact loads and its logits match the CPU one's to rounding."""
+    base_dir, ft_dir = save_pair(tmp_path)
+    compress_streaming(base_dir, ft_dir, tmp_path / "plain", group_size=32, progress=False)
+    compress_streaming(base_dir, ft_dir, tmp_path / "cpu", group_size=32, progress=False, device="cpu")
+    assert_same_artifact(tmp_path / "plain", tmp_path / "cpu")
+    with pytest.raises(ValueError, match="device='meta'"):
+        compress_streaming(base_dir, ft_dir, tmp_path / "meta", group_size=32, progress=False, device="meta")
+    assert not (tmp_path / "meta").exists()
+    for flags, name in ((["--stream"], "cli-stream"), ([], "cli")):
+        result = CliRunner().invoke(main, ["compress", str(base_dir), str(ft_dir), str(tmp_path / name), *flags,
+                                           "--group-size", "32", "--device", "cpu", "--quiet"])
+        assert result.exit_code == 0, result.output
+        assert_same_artifact(tmp_path / "plain", tmp_path / name)
+    result = CliRunner().invoke(main, ["compress", str(base_dir), str(ft_dir), str(tmp_path / "m"), "--stream",
+                                       "--device", "meta", "--quiet"])
+    assert result.exit_code != 0 and "device='meta'" in result.output
+    if torch.cuda.is_available():
+        compress_streaming(base_dir, ft_dir, tmp_path / "cuda", group_size=32, progress=False, device="cuda")
+        base = load(base_dir, torch.float32)
+        x = ids(seed=4)
+        with torch.no_grad():
+            want = load_delta(copy.deepcopy(base), tmp_path / "plain")(x).logits
+            got = load_delta(copy.deepcopy(base), tmp_path / "cuda")(x).logits
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
