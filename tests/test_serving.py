@@ -319,7 +319,6 @@ def test_per_row_module_with_tied_tensors_replaces_every_name():
     """A per-row module holding one tensor under several names (a submodule used twice, a parameter
     registered twice): the delta's replacement, given under the one name `named_parameters` lists,
     reaches every name (functional_call's tie_weights did; the shallow copy left the alias on the base)."""
-    from deltacome_ao.serving.layers import MultiDeltaModule
 
     class SharedChild(torch.nn.Module):
         def __init__(self):
@@ -346,32 +345,31 @@ def test_per_row_module_with_tied_tensors_replaces_every_name():
         with torch.no_grad():
             for k, v in replaced.items():
                 alone.get_parameter(k).copy_(v)
-        layer = MultiDeltaModule(module)
-        layer.add("d", dict(replaced), delta_id=0)
-        x = torch.randn(3, 4)
-        with torch.no_grad(), routing(torch.tensor([0, -1, 0])):
-            y = layer(x)
-        with torch.no_grad():
-            torch.testing.assert_close(y[[0, 2]], alone(x[[0, 2]]), **TOL)
-            torch.testing.assert_close(y[1:2], module(x[1:2]), **TOL)
+        _assert_rows_served(module, replaced, alone)
 
 
-def test_per_row_parametrized_module():
-    """A per-row module with a parametrization (weight_norm): its shallow copy is made without pickling
-    hooks, which a parametrized module refuses (copy.copy raised RuntimeError; functional_call served it)."""
+def _assert_rows_served(module, replaced, delta_model):
+    """`module` as a MultiDeltaModule with `replaced` as delta 0: rows 0 and 2 (delta 0) give what
+    `delta_model` gives them, row 1 (base) what `module` gives it."""
     from deltacome_ao.serving.layers import MultiDeltaModule
 
-    torch.manual_seed(0)
-    module = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(4, 4))
-    replaced = {k: torch.randn_like(v) for k, v in module.named_parameters()}
     layer = MultiDeltaModule(module)
     layer.add("d", dict(replaced), delta_id=0)
     x = torch.randn(3, 4)
     with torch.no_grad(), routing(torch.tensor([0, -1, 0])):
         y = layer(x)
     with torch.no_grad():
-        torch.testing.assert_close(y[[0, 2]], torch.func.functional_call(module, replaced, (x[[0, 2]],)), **TOL)
+        torch.testing.assert_close(y[[0, 2]], delta_model(x[[0, 2]]), **TOL)
         torch.testing.assert_close(y[1:2], module(x[1:2]), **TOL)
+
+
+def test_per_row_parametrized_module():
+    """A per-row module with a parametrization (weight_norm): its shallow copy is made without pickling
+    hooks, which a parametrized module refuses (copy.copy raised RuntimeError; functional_call served it)."""
+    torch.manual_seed(0)
+    module = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(4, 4))
+    replaced = {k: torch.randn_like(v) for k, v in module.named_parameters()}
+    _assert_rows_served(module, replaced, lambda x: torch.func.functional_call(module, replaced, (x,)))
 
 
 def test_per_row_module_with_accelerate_hook():
