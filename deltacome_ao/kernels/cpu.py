@@ -29,7 +29,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import warnings
@@ -40,7 +39,7 @@ import torch
 
 from ..factors import PackedFactors
 
-__all__ = ["available", "library", "delta_term", "dequantize_rows", "segmented_term", "register", "registered",
+__all__ = ["available", "library", "delta_term", "dequantize_rows", "register", "registered",
            "FUSED_MAX_TOKENS", "BLOCK_ROWS", "build_info"]
 
 SOURCE = Path(__file__).with_name("cpu_kernel.c")
@@ -214,31 +213,38 @@ def supported(f: PackedFactors) -> bool:
     return supported_tensors(f.tensors().values())
 
 
-def _delta_block(m: int, tensors, bits, counts, group_size: int, in_features: int, out_features: int) -> list:
-    """One delta's part of `dc_delta`'s descriptor (see cpu_kernel.c), its sizes checked (`_plan`)."""
-    return [m, *_plan(tensors, bits, counts, group_size, in_features, out_features)]
-
-
 _BITS = frozenset((1, 2, 3, 4, 5, 6, 7, 8, 16))  # the bit-widths cpu_kernel.c reads
-_PLANS: dict = {}  # (factor pointers, bits, counts, group size) -> that delta's descriptor block as a ctypes array
+_U8, _F16, _F32 = torch.uint8, torch.float16, torch.float32
+_PLANS: dict = {}  # `_decode_plan`'s key -> (descriptor, multiply-adds per token row, descriptor as a list)
 _PLANS_MAX = 65536
 
 
-def _plan(tensors, bits, counts, group_size: int, in_features: int, out_features: int) -> ctypes.Array:
-    """`dc_delta1`'s factor descriptor for these tensors, built once per (addresses, sizes, layout): only
-    addresses and numbers, so it stays right for whatever tensor of this layout lives there (the caller
-    checks dtypes and contiguity on every call, `supported_tensors`). Building it checks the bands and
-    that every tensor has exactly the size they imply (ValueError otherwise): the kernel never reads
-    past a buffer."""
-    ptrs = tuple(t.data_ptr() for t in tensors)
-    key = (ptrs, tuple(t.numel() for t in tensors), tuple(bits), tuple(counts), group_size, in_features, out_features)
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = _new_plan(key, tensors, bits, counts, group_size, in_features, out_features)
-    return plan
+def _decode_plan(vp, vs, vz, up, us, uz, s, bits, counts, group_size: int, in_features: int, out_features: int):
+    """(descriptor, multiply-adds per token row, the descriptor as a list) for one delta's factors when the
+    kernel reads them as they are (on the CPU, contiguous, in the stored dtypes), else None. The
+    descriptor of `dc_delta1` / one delta's block of `dc_delta` holds only addresses and numbers; it is
+    built once per key, which holds every tensor's address and size, while dtypes, device and contiguity
+    are checked on every call, so a changed tensor never meets a stale descriptor. Written out because
+    decode calls it once per layer and token step, where each microsecond of Python is a visible share
+    of a small layer."""
+    if not (vp.dtype is _U8 and vs.dtype is _F16 and vz.dtype is _U8 and up.dtype is _U8 and us.dtype is _F16
+            and uz.dtype is _U8 and s.dtype is _F32 and vp.is_cpu and vs.is_cpu and vz.is_cpu and up.is_cpu
+            and us.is_cpu and uz.is_cpu and s.is_cpu and vp.is_contiguous() and vs.is_contiguous()
+            and vz.is_contiguous() and up.is_contiguous() and us.is_contiguous() and uz.is_contiguous()
+            and s.is_contiguous()):
+        return None
+    key = (vp.data_ptr(), vs.data_ptr(), vz.data_ptr(), up.data_ptr(), us.data_ptr(), uz.data_ptr(), s.data_ptr(),
+           vp.numel(), vs.numel(), vz.numel(), up.numel(), us.numel(), uz.numel(), s.numel(),
+           tuple(bits), tuple(counts), group_size, in_features, out_features)
+    hit = _PLANS.get(key)
+    if hit is None:
+        hit = _new_plan(key, (vp, vs, vz, up, us, uz, s), bits, counts, group_size, in_features, out_features)
+    return hit
 
 
-def _new_plan(key, tensors, bits, counts, group_size: int, in_features: int, out_features: int) -> ctypes.Array:
+def _new_plan(key, tensors, bits, counts, group_size: int, in_features: int, out_features: int) -> tuple:
+    """Builds and caches `_decode_plan`'s entry after checking the bands and that every tensor has exactly
+    the size they imply (ValueError otherwise): the kernel never reads past a buffer."""
     why = None
     if (len(bits) != len(counts) or any(b not in _BITS for b in bits) or any(c < 0 for c in counts)
             or group_size < 1):
@@ -253,35 +259,8 @@ def _new_plan(key, tensors, bits, counts, group_size: int, in_features: int, out
         raise ValueError(f"deltacome_ao CPU kernel: inconsistent packed factors: {why}")
     if len(_PLANS) >= _PLANS_MAX:
         _PLANS.clear()
-    plan = _PLANS[key] = _i64([group_size, len(bits), *(t.data_ptr() for t in tensors), *bits, *counts])
-    return plan
-
-
-_U8, _F16, _F32 = torch.uint8, torch.float16, torch.float32
-_DECODE: dict = {}  # `_decode_plan`'s key -> (descriptor, multiply-adds per token row, descriptor as a list)
-
-
-def _decode_plan(vp, vs, vz, up, us, uz, s, bits, counts, group_size: int, in_features: int, out_features: int):
-    """(descriptor, multiply-adds per token row, the descriptor as a list) for one delta's factors when the
-    kernel reads them as they are, else None. The per-call part of `_plan` + `supported_tensors`, written
-    out for decode (a few token rows per call, where each microsecond of Python is a visible share of a
-    small layer): the key holds every tensor's address and size, and dtypes, device and contiguity are
-    checked on every call, so a changed tensor never meets a stale descriptor."""
-    if not (vp.dtype is _U8 and vs.dtype is _F16 and vz.dtype is _U8 and up.dtype is _U8 and us.dtype is _F16
-            and uz.dtype is _U8 and s.dtype is _F32 and vp.is_cpu and vs.is_cpu and vz.is_cpu and up.is_cpu
-            and us.is_cpu and uz.is_cpu and s.is_cpu and vp.is_contiguous() and vs.is_contiguous()
-            and vz.is_contiguous() and up.is_contiguous() and us.is_contiguous() and uz.is_contiguous()
-            and s.is_contiguous()):
-        return None
-    key = (vp.data_ptr(), vs.data_ptr(), vz.data_ptr(), up.data_ptr(), us.data_ptr(), uz.data_ptr(), s.data_ptr(),
-           vp.numel(), vs.numel(), vz.numel(), up.numel(), us.numel(), uz.numel(), s.numel(),
-           tuple(bits), tuple(counts), group_size, in_features, out_features)
-    hit = _DECODE.get(key)
-    if hit is None:
-        plan = _plan((vp, vs, vz, up, us, uz, s), bits, counts, group_size, in_features, out_features)
-        if len(_DECODE) >= _PLANS_MAX:
-            _DECODE.clear()
-        hit = _DECODE[key] = (plan, sum(counts) * (in_features + out_features), list(plan))
+    plan = _i64([group_size, len(bits), *(t.data_ptr() for t in tensors), *bits, *counts])
+    hit = _PLANS[key] = (plan, sum(counts) * (in_features + out_features), list(plan))
     return hit
 
 
@@ -334,8 +313,11 @@ def _term(x2, tensors, bits, counts, group_size, out_features, y=None):
         _blockwise(x2, PackedFactors(*tensors, bits=bits, counts=counts, group_size=group_size,
                                      out_features=out_features, in_features=in_features), y)
         return y
-    if library().dc_delta1(_plan(tensors, bits, counts, group_size, in_features, out_features), m, in_features, out_features,
-                           _threads(m * rank * (in_features + out_features)), x2.data_ptr(), x2.stride(0),
+    hit = _decode_plan(*tensors, bits, counts, group_size, in_features, out_features)
+    if hit is None:
+        raise ValueError("deltacome_ao CPU kernel: factor tensors it cannot read as they are (it needs them on the "
+                         "CPU, contiguous, in the stored dtypes); use ops.delta_linear_reference")
+    if library().dc_delta1(hit[0], m, in_features, out_features, _threads(m * hit[1]), x2.data_ptr(), x2.stride(0),
                            y.data_ptr(), y.stride(0)):
         raise MemoryError("deltacome_ao CPU kernel: out of memory")
     return y
@@ -345,30 +327,6 @@ def delta_term(x2: torch.Tensor, f: PackedFactors, y: Optional[torch.Tensor] = N
     """`((x2 V̂ᵀ)·s) Ûᵀ` in fp32 for a contiguous fp32 (M, in) `x2`, added to `y` (M, out) fp32 (zeros
     when None); returns `y`."""
     return _term(x2, tuple(f.tensors().values()), f.bits, f.counts, f.group_size, f.out_features, y)
-
-
-def segmented_term(x2: torch.Tensor, y2: torch.Tensor, groups) -> torch.Tensor:
-    """Adds, for each (token rows, PackedFactors) of `groups`, that delta's term to those rows of the
-    contiguous fp32 (T, out) `y2` (in place), reading token rows of the contiguous fp32 (T, in) `x2`.
-    Deltas with at most FUSED_MAX_TOKENS rows go through one kernel call together; larger ones block
-    by block."""
-    fused, desc, macs = [], [], 0
-    for rows, f in groups:
-        if f.rank == 0 or rows.numel() == 0:
-            continue
-        if rows.numel() > FUSED_MAX_TOKENS:
-            y2.index_add_(0, rows, delta_term(x2.index_select(0, rows), f))
-            continue
-        fused.append(rows)
-        desc += _delta_block(rows.numel(), tuple(f.tensors().values()), f.bits, f.counts, f.group_size,
-                             f.in_features, f.out_features)
-        macs += rows.numel() * f.rank * (f.in_features + f.out_features)
-    if not fused:
-        return y2
-    rows = (torch.cat(fused) if len(fused) > 1 else fused[0]).to(torch.int64).contiguous()
-    _call([len(fused), x2.shape[1], y2.shape[1], _threads(macs), x2.data_ptr(), x2.stride(0), y2.data_ptr(),
-           y2.stride(0), rows.data_ptr(), *desc])
-    return y2
 
 
 # --- the operators' CPU implementations ------------------------------------------------------------

@@ -319,23 +319,19 @@ INLINE void vrows_h(const int MBC, const band_t *b, const side_t *f, int64_t ja,
     switch (mb) { case 1: F(1, __VA_ARGS__); break; case 2: F(2, __VA_ARGS__); break; \
                   case 4: F(4, __VA_ARGS__); break; default: F(8, __VA_ARGS__); break; }
 
+/* band b's bit-width (1..8: Q, the quantized rows; 16: H, fp16 rows) times the token block mb */
+#define BITS_CASES(Q, H) \
+    switch (b->bits) { case 1: MB_CASES(Q, 1) break; case 2: MB_CASES(Q, 2) break; case 3: MB_CASES(Q, 3) break; \
+                       case 4: MB_CASES(Q, 4) break; case 5: MB_CASES(Q, 5) break; case 6: MB_CASES(Q, 6) break; \
+                       case 7: MB_CASES(Q, 7) break; case 8: MB_CASES(Q, 8) break; default: MB_CASES(H, 0) break; }
+
 #define V_CALL(MBC, BITS) vrows_q(BITS, MBC, b, f, ja, jb, segs, nseg, xr, s, t, ldt)
 #define VH_CALL(MBC, unused) vrows_h(MBC, b, f, ja, jb, xr, s, t, ldt)
 
 /* rows [ja, jb) (band-local) of band b, for mb (1, 2, 4 or 8) token rows */
 static void vrows(const band_t *b, const side_t *f, int64_t ja, int64_t jb, const seg_t *segs, int64_t nseg,
                   int mb, const float *const *xr, const float *s, float *t, int64_t ldt) {
-    switch (b->bits) {
-    case 1: MB_CASES(V_CALL, 1) break;
-    case 2: MB_CASES(V_CALL, 2) break;
-    case 3: MB_CASES(V_CALL, 3) break;
-    case 4: MB_CASES(V_CALL, 4) break;
-    case 5: MB_CASES(V_CALL, 5) break;
-    case 6: MB_CASES(V_CALL, 6) break;
-    case 7: MB_CASES(V_CALL, 7) break;
-    case 8: MB_CASES(V_CALL, 8) break;
-    default: MB_CASES(VH_CALL, 0) break;
-    }
+    BITS_CASES(V_CALL, VH_CALL)
 }
 
 /* --- U pass: y[m][p] += Σ_j t[m][j] · Ûᵀ[j][p] for the positions of `segs` ------------------------- */
@@ -416,17 +412,7 @@ INLINE void urows_h(const int MBC, const band_t *b, const side_t *f, int64_t ca,
 
 static void urows(const band_t *b, const side_t *f, const seg_t *segs, int64_t nseg, int64_t ca, int64_t cb,
                   int mb, const float *t, int64_t ldt, float *const *yr) {
-    switch (b->bits) {
-    case 1: MB_CASES(U_CALL, 1) break;
-    case 2: MB_CASES(U_CALL, 2) break;
-    case 3: MB_CASES(U_CALL, 3) break;
-    case 4: MB_CASES(U_CALL, 4) break;
-    case 5: MB_CASES(U_CALL, 5) break;
-    case 6: MB_CASES(U_CALL, 6) break;
-    case 7: MB_CASES(U_CALL, 7) break;
-    case 8: MB_CASES(U_CALL, 8) break;
-    default: MB_CASES(UH_CALL, 0) break;
-    }
+    BITS_CASES(U_CALL, UH_CALL)
 }
 
 /* --- one delta, many deltas --------------------------------------------------------------------- */
