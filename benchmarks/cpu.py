@@ -56,6 +56,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from deltacome_ao.checkpoint import write_text_atomic  # noqa: E402
+
 SECTIONS = ("linear", "model", "multi", "layer", "svd", "svd7b")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAYER_7B = {"q": (4096, 4096), "k": (4096, 4096), "v": (4096, 4096), "o": (4096, 4096),
@@ -160,20 +162,32 @@ def linear_rows(args) -> list:
     return rows
 
 
-def _decode_ms(prompt, steps: int, reps: int, names, **forward_kwargs) -> dict:
-    """Median ms per decode step (one token, KV cache) of each model in `names` (round-robin)."""
+def _decode_pass(model, prompt, steps, clock=None, **kw) -> float:
+    """Prefill `prompt`, then `steps` greedy decode steps (one token, KV cache); -> ms per step. With a
+    `_Clock`, it is on during the steps only, and the steps' time is added to it as "step"."""
     from transformers import DynamicCache
 
-    def run(m):
-        with torch.no_grad():
-            cache = DynamicCache()
-            out = m(input_ids=prompt, past_key_values=cache, use_cache=True, **forward_kwargs)
+    with torch.no_grad():
+        out = model(input_ids=prompt, past_key_values=DynamicCache(), use_cache=True, **kw)
+        nxt = out.logits[:, -1:].argmax(-1)
+        if clock is not None:
+            clock.on = True
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True, **kw)
             nxt = out.logits[:, -1:].argmax(-1)
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                out = m(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True, **forward_kwargs)
-                nxt = out.logits[:, -1:].argmax(-1)
-            return (time.perf_counter() - t0) * 1e3 / steps
+        seconds = time.perf_counter() - t0
+        if clock is not None:
+            clock.add("step", seconds)
+            clock.on = False
+    return seconds * 1e3 / steps
+
+
+def _decode_ms(prompt, steps: int, reps: int, names, **forward_kwargs) -> dict:
+    """Median ms per decode step (one token, KV cache) of each model in `names` (round-robin)."""
+
+    def run(m):
+        return _decode_pass(m, prompt, steps, **forward_kwargs)
 
     for m in names.values():
         run(m)
@@ -274,21 +288,6 @@ class _LibClock:
 
     def __getattr__(self, name):
         return getattr(self._lib, name)
-
-
-def _decode_pass(model, prompt, steps, clock, **kw):
-    from transformers import DynamicCache
-
-    with torch.no_grad():
-        out = model(input_ids=prompt, past_key_values=DynamicCache(), use_cache=True, **kw)
-        nxt = out.logits[:, -1:].argmax(-1)
-        clock.on = True
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True, **kw)
-            nxt = out.logits[:, -1:].argmax(-1)
-        clock.add("step", time.perf_counter() - t0)
-        clock.on = False
 
 
 def _clocked_pass(model, prompt, steps, clock, handles, undo) -> dict:
@@ -564,8 +563,7 @@ def main(argv=None):
         out = Path(tempfile.gettempdir()) / "deltacome-benchmarks" / "cpu.json"
     else:
         out = REPO / "benchmarks" / "results" / "cpu.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1))
+    write_text_atomic(out, json.dumps(doc, indent=1))
     print(markdown(doc))
     print(f"\nwritten {out}")
     return 0
